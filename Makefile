@@ -1,0 +1,41 @@
+# Thin wrappers over the real commands; see README.md.
+VENV    ?= .venv
+PYTHON  ?= python3
+BIN     := $(VENV)/bin
+JOBS    ?= 2
+CHAPTERS := $(sort $(wildcard chapters/*/c*.py))
+export OMP_WAIT_POLICY := PASSIVE
+
+.PHONY: setup test test-unit test-chapters test-book book bench lock clean
+
+setup: ## virtual environment with CPU PyTorch, stcore and the test + book tools
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev,book]" -c requirements-lock.txt
+
+test: test-unit test-chapters test-book ## everything: unit tests, every chapter (FAST), the rendered book in Chromium
+
+test-unit:
+	STCORE_FAST=1 $(BIN)/pytest -q -n $(JOBS) tests
+
+test-chapters: ## each chapter converted to .ipynb and executed with nbmake in FAST mode
+	rm -rf build/notebooks && mkdir -p build/notebooks
+	for f in $(CHAPTERS); do $(BIN)/jupytext --quiet --to ipynb "$$f" -o "build/notebooks/$$(basename $${f%.py}).ipynb" || exit 1; done
+	STCORE_FAST=1 $(BIN)/pytest -q -n $(JOBS) --nbmake --nbmake-timeout=600 build/notebooks
+
+test-book: ## FAST build of the site, then a headless-Chromium check of the index and a chapter page
+	$(BIN)/python tools/build_book.py --fast
+	$(BIN)/python tools/check_site.py build/book-fast/_build/html
+
+book: ## every chapter at full budget, rendered to book/_build/html
+	$(BIN)/python tools/build_book.py
+	$(BIN)/python tools/check_site.py book/_build/html
+
+bench: ## leaderboards of every task into results/
+	for t in graphs domains deconv impute locate; do $(BIN)/stcore bench $$t --out results || exit 1; done
+
+lock: ## refresh the pinned versions after changing dependencies
+	$(BIN)/pip freeze --exclude-editable | sed 's/+cpu$$//' > requirements-lock.txt
+
+clean:
+	rm -rf build book/_build results

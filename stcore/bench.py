@@ -1,0 +1,304 @@
+"""Benchmarks: every method of a task on the same data, protocol, seeds and metrics.
+
+``stcore bench TASK`` (or :func:`run`) runs each (method, dataset, seed) in a fresh Python process so that wall time
+and peak memory are measured per run, and writes ``<out>/<task>.csv`` (one row per run) and ``<out>/<task>.md``
+(mean ± standard deviation over seeds).
+
+============  ===========================================================================================
+task          protocol
+============  ===========================================================================================
+domains       DLPFC 151673 and 151674, K = 7; ARI, NMI, homogeneity against the manual layers
+              (unlabelled spots excluded)
+deconv        MERFISH hypothalamus cells summed on a 100 µm grid (known composition) + the Moffitt
+              scRNA-seq reference; Li et al. 2022 deconvolution metrics, averaged over cell types
+impute        MERFISH hypothalamus + Moffitt reference, shared genes split in 5 folds, each fold hidden and
+              predicted; Li et al. 2022 gene metrics, averaged over genes
+locate        MERFISH hypothalamus: cells of one z-plane placed on the cells of the other plane from their
+              expression; location error (µm) and neighbourhood preservation
+graphs        graph builders on 100,000 random spots: time and memory
+============  ===========================================================================================
+
+Peak memory is the peak resident set size of the run's process (``peak_rss_mb``, which includes about 0.5 GB of
+libraries) and its rise over the size after loading the data (``peak_delta_mb``, the method's own footprint).
+In FAST mode (``STCORE_FAST=1``) datasets are subsampled and one seed is used, to check that the benchmark runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import config
+
+__all__ = ["TASK_DATASETS", "run", "run_one", "format_table", "summarise"]
+
+TASK_DATASETS = {
+    "domains": ["dlpfc_151673", "dlpfc_151674"],
+    "deconv": ["merfish_grid100"],
+    "impute": ["merfish_moffitt"],
+    "locate": ["merfish_planes"],
+    "graphs": ["random_100k"],
+}
+GRAPH_BUILDERS = ["knn_graph", "radius_graph", "visium_hex_graph", "feature_knn_graph"]
+
+# MERFISH cell classes (Moffitt et al. 2018) and the reference's cell types, mapped to the classes both share.
+MERFISH_TO_SHARED = {
+    "Astrocyte": "Astrocyte", "Endothelial 1": "Endothelial", "Endothelial 2": "Endothelial",
+    "Endothelial 3": "Endothelial", "Ependymal": "Ependymal", "Excitatory": "Excitatory", "Inhibitory": "Inhibitory",
+    "Microglia": "Microglia", "OD Immature 1": "OD Immature", "OD Immature 2": "OD Immature",
+    "OD Mature 1": "OD Mature", "OD Mature 2": "OD Mature", "OD Mature 3": "OD Mature", "OD Mature 4": "OD Mature",
+    "Pericytes": "Mural",
+}
+REFERENCE_TO_SHARED = {
+    "Astrocytes": "Astrocyte", "Endothelial": "Endothelial", "Ependymal": "Ependymal", "Excitatory": "Excitatory",
+    "Inhibitory": "Inhibitory", "Microglia": "Microglia", "Immature oligodendrocyte": "OD Immature",
+    "Newly formed oligodendrocyte": "OD Immature", "Mature oligodendrocyte": "OD Mature", "Mural": "Mural",
+}
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _subsample(adata, n: int, seed: int = 0):
+    if adata.n_obs <= n:
+        return adata
+    keep = np.sort(np.random.default_rng(seed).choice(adata.n_obs, n, replace=False))
+    return adata[keep].copy()
+
+
+def _crop(adata, n: int):
+    """The ``n`` spots nearest the tissue's centre: a contiguous patch, so spatial structure survives."""
+    if adata.n_obs <= n:
+        return adata
+    xy = np.asarray(adata.obsm["spatial"], dtype=float)
+    order = np.argsort(((xy - np.median(xy, 0)) ** 2).sum(1))
+    return adata[np.sort(order[:n])].copy()
+
+
+def _merfish_pair(fast: bool):
+    """MERFISH cells and the Moffitt reference restricted to the cell classes both share."""
+    from . import data
+
+    cells = data.load("merfish_hypothalamus")
+    cells = cells[cells.obs["cell_class"].isin(list(MERFISH_TO_SHARED))].copy()
+    cells.obs["cell_type"] = cells.obs["cell_class"].map(MERFISH_TO_SHARED).astype(str)
+    reference = data.load("moffitt_scrna")
+    reference = reference[reference.obs["cell_type"].isin(list(REFERENCE_TO_SHARED))].copy()
+    reference.obs["cell_type"] = reference.obs["cell_type"].map(REFERENCE_TO_SHARED).astype(str)
+    if fast:
+        cells = _subsample(cells, 1500)
+    return cells, reference
+
+
+def load_task_data(task: str, dataset: str, fast: bool):
+    """``(adata, reference, truth)`` for one benchmark dataset (see the module docstring)."""
+    from . import data
+
+    if task == "domains":
+        adata = data.load(dataset)
+        return (_crop(adata, 800) if fast else adata), None, None
+    cells, reference = _merfish_pair(fast)
+    if task == "deconv":
+        spots = data.synthetic.grid_spots(cells, spot_size=100.0, cell_type_key="cell_type")
+        spots = spots[:, spots.var_names.isin(reference.var_names)].copy()
+        return spots, reference, spots.obsm["proportions"]
+    if task == "impute":
+        shared = cells.var_names[cells.var_names.isin(reference.var_names)]
+        return cells[:, shared].copy(), reference, None
+    if task == "locate":
+        z = cells.obs["z"].to_numpy()
+        planes = np.unique(z)
+        spatial, query = cells[z == planes[0]].copy(), cells[z == planes[1]].copy()
+        truth = np.asarray(query.obsm["spatial"]).copy()
+        del query.obsm["spatial"]
+        return spatial, query, truth
+    raise ValueError(f"Unknown task {task!r}; choose one of {sorted(TASK_DATASETS)}.")
+
+
+def _score_domains(result, method_name):
+    from .metrics import domain_scores
+
+    return domain_scores(result.obs["layer"], result.obs[f"domain_{method_name}"])
+
+
+def _score_deconv(result, method_name, truth):
+    from .metrics import deconvolution_scores
+
+    pred = result.obsm[f"proportions_{method_name}"].reindex(columns=truth.columns, fill_value=0.0)
+    return deconvolution_scores(truth.to_numpy(), pred.to_numpy(), list(truth.columns)).mean().to_dict()
+
+
+def _run_impute(cls, options, spatial, reference, seed, n_folds):
+    from .metrics import gene_prediction_scores
+
+    genes = np.array(spatial.var_names)
+    folds = np.array_split(np.random.default_rng(seed).permutation(genes), n_folds)
+    per_gene = []
+    for fold in folds:
+        visible = spatial[:, ~spatial.var_names.isin(fold)].copy()
+        result = cls(**{**options, "genes": list(fold)}).run(visible, reference)
+        pred = result.obsm[f"imputed_{cls.name}"][list(fold)].to_numpy()
+        truth = spatial[:, list(fold)].X
+        truth = truth.toarray() if hasattr(truth, "toarray") else np.asarray(truth)
+        per_gene.append(gene_prediction_scores(truth, pred, list(fold)))
+    return pd.concat(per_gene).mean().to_dict()
+
+
+def _score_locate(result, method_name, truth):
+    from .metrics import location_error, neighbourhood_preservation
+
+    pred = np.asarray(result.obsm[f"spatial_{method_name}"])
+    return {"location_error_um": float(np.median(location_error(truth, pred))),
+            "neighbourhood_preservation": float(neighbourhood_preservation(truth, pred, k=10))}
+
+
+def _run_graph_builder(name: str, fast: bool, seed: int):
+    from . import graphs
+
+    n = 10_000 if fast else 100_000
+    rng = np.random.default_rng(seed)
+    side = int(np.sqrt(n))
+    if name == "visium_hex_graph":
+        row = np.repeat(np.arange(side), side)
+        col = np.tile(np.arange(side), side) * 2 + row % 2
+        before = _rss_mb()
+        start = time.perf_counter()
+        ei = graphs.visium_hex_graph(row, col)
+    else:
+        coords = rng.random((n, 2)) * 100 * side  # about one spot per 100 x 100 px, like Visium
+        X = rng.normal(size=(n, 30)) if name == "feature_knn_graph" else None
+        before = _rss_mb()
+        start = time.perf_counter()
+        if name == "knn_graph":
+            ei = graphs.knn_graph(coords, k=6)
+        elif name == "radius_graph":
+            ei = graphs.radius_graph(coords, r=150.0)
+        else:
+            ei = graphs.feature_knn_graph(X, k=15)
+    elapsed = time.perf_counter() - start
+    return {"n_nodes": n, "n_edges": int(ei.shape[1]), "seconds": elapsed, "rss_before_mb": before}
+
+
+def run_one(task: str, method: str, dataset: str, seed: int, options: dict | None = None) -> dict:
+    """Run one (method, dataset, seed) in this process and return its row of the leaderboard."""
+    cfg = config.get()
+    options = dict(options or {})
+    if task == "graphs":
+        row = _run_graph_builder(method, cfg.fast, seed)
+        peak = _peak_mb()
+        return {"task": task, "method": method, "dataset": dataset, "seed": seed, "wall_s": row.pop("seconds"),
+                "peak_rss_mb": peak, "peak_delta_mb": peak - row.pop("rss_before_mb"), **row}
+    from .methods import get_method, method_options
+
+    cls = get_method(method)
+    params = method_options(cls)
+    if "seed" in params:
+        options.setdefault("seed", seed)
+    if task == "domains" and "n_domains" in params:
+        options.setdefault("n_domains", 7)
+    adata, reference, truth = load_task_data(task, dataset, cfg.fast)
+    before = _rss_mb()
+    start = time.perf_counter()
+    if task == "impute":
+        scores = _run_impute(cls, options, adata, reference, seed, n_folds=2 if cfg.fast else 5)
+    else:
+        result = cls(**options).run(adata, reference)
+    elapsed = time.perf_counter() - start
+    peak = _peak_mb()
+    if task == "domains":
+        scores = _score_domains(result, cls.name)
+    elif task == "deconv":
+        scores = _score_deconv(result, cls.name, truth)
+    elif task == "locate":
+        scores = _score_locate(result, cls.name, truth)
+    return {"task": task, "method": method, "dataset": dataset, "seed": seed, **scores, "wall_s": elapsed,
+            "peak_rss_mb": peak, "peak_delta_mb": peak - before, "n_obs": adata.n_obs,
+            "options": json.dumps({k: v for k, v in options.items() if k != "seed"}, sort_keys=True)}
+
+
+def _spawn(task, method, dataset, seed, options) -> dict:
+    payload = json.dumps(dict(task=task, method=method, dataset=dataset, seed=seed, options=options))
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    proc = subprocess.run([sys.executable, "-m", "stcore.bench", payload], capture_output=True, text=True, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = proc.stderr.strip().splitlines()[-5:]
+        return {"task": task, "method": method, "dataset": dataset, "seed": seed, "error": " | ".join(tail)}
+    return json.loads(lines[-1])
+
+
+def run(task: str, *, methods: list[str] | None = None, seeds: list[int] | None = None,
+        datasets: list[str] | None = None, options: dict | None = None, out_dir: str | Path | None = "results",
+        progress: bool = True) -> pd.DataFrame:
+    """Benchmark ``methods`` (default: all registered for ``task``) and write the leaderboard to ``out_dir``."""
+    from tqdm.auto import tqdm
+
+    cfg = config.get()
+    if task not in TASK_DATASETS:
+        raise ValueError(f"Unknown benchmark task {task!r}; choose one of {sorted(TASK_DATASETS)}.")
+    if methods is None:
+        if task == "graphs":
+            methods = GRAPH_BUILDERS
+        else:
+            from .methods import available
+
+            methods = available(task)["method"].tolist()
+    seeds = seeds if seeds is not None else cfg.pick([0, 1, 2], [0])
+    datasets = datasets or TASK_DATASETS[task]
+    jobs = [(m, d, s) for m in methods for d in datasets for s in seeds]
+    rows = [_spawn(task, m, d, s, options or {}) for m, d, s in tqdm(jobs, desc=f"bench {task}", disable=not progress)]
+    table = pd.DataFrame(rows)
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        table.to_csv(out / f"{task}.csv", index=False)
+        (out / f"{task}.md").write_text(format_table(table) + "\n")
+    return table
+
+
+def summarise(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean and standard deviation over seeds of every numeric column, per method and dataset."""
+    if "error" in table and table["error"].notna().any():
+        table = table[table["error"].isna()]
+    numeric = [c for c in table.columns if c not in ("seed",) and pd.api.types.is_numeric_dtype(table[c])]
+    grouped = table.groupby(["method", "dataset"], sort=False)[numeric]
+    return grouped.mean().join(grouped.std(ddof=0), rsuffix="_sd")
+
+
+def format_table(table: pd.DataFrame) -> str:
+    """A markdown leaderboard: mean ± sd over seeds, and any failed runs."""
+    lines = []
+    failed = table[table["error"].notna()] if "error" in table else table.iloc[:0]
+    ok = table.drop(failed.index)
+    if len(ok):
+        numeric = [c for c in ok.columns if c not in ("seed",) and pd.api.types.is_numeric_dtype(ok[c])]
+        g = ok.groupby(["method", "dataset"], sort=False)[numeric]
+        mean, sd, n = g.mean(), g.std(ddof=0).fillna(0), g.size()
+        header = ["method", "dataset", "seeds"] + numeric
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for key in mean.index:
+            cells = [f"{mean.loc[key, c]:.3g} ± {sd.loc[key, c]:.2g}" if n[key] > 1 else f"{mean.loc[key, c]:.3g}"
+                     for c in numeric]
+            lines.append("| " + " | ".join([key[0], key[1], str(n[key])] + cells) + " |")
+    for _, row in failed.iterrows():
+        lines.append(f"\nFAILED {row['method']} on {row['dataset']} (seed {row['seed']}): {row['error']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    job = json.loads(sys.argv[1])
+    print(json.dumps(run_one(job["task"], job["method"], job["dataset"], job["seed"], job.get("options"))))

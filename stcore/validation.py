@@ -1,0 +1,129 @@
+"""Input checks that fail early with a message saying what is wrong and how to fix it.
+
+Methods call these before any tensor is built, so a user sees "obsm['spatial'] is missing" rather than a traceback
+from deep inside torch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+__all__ = [
+    "check_coords",
+    "check_finite",
+    "check_counts",
+    "check_n_clusters",
+    "check_image_covers",
+    "spatial_coords",
+    "counts_matrix",
+    "shared_genes",
+    "cell_type_labels",
+]
+
+
+def check_finite(X, name: str = "X") -> None:
+    """Raise if ``X`` (dense or sparse) holds NaN or infinite values."""
+    values = X.data if sparse.issparse(X) else np.asarray(X)
+    if values.dtype.kind in "fc" and not np.all(np.isfinite(values)):
+        bad = int((~np.isfinite(values)).sum())
+        raise ValueError(f"{name} contains {bad} NaN or infinite values; remove or impute them "
+                         "(e.g. fill missing counts with 0) before running.")
+
+
+def check_coords(coords, *, n_obs: int | None = None, min_dim: int = 2, name: str = "coordinates") -> np.ndarray:
+    """Return coordinates as a float (n, d) array, or raise a clear error."""
+    if coords is None:
+        raise KeyError(f"No {name} given. Put spot/cell positions in adata.obsm['spatial'] as an (n, 2) array.")
+    arr = np.asarray(coords.to_numpy() if isinstance(coords, pd.DataFrame) else coords)
+    if arr.dtype.kind not in "iuf":
+        raise ValueError(f"{name} must be numbers, got dtype {arr.dtype}.")
+    arr = arr.astype(np.float64)
+    if arr.ndim != 2 or arr.shape[1] < min_dim or arr.shape[1] > 3:
+        raise ValueError(f"{name} must have shape (n, 2) (x, y) or (n, 3), got {arr.shape}. "
+                         "If you have separate x and y columns use np.column_stack([x, y]).")
+    if n_obs is not None and arr.shape[0] != n_obs:
+        raise ValueError(f"{name} has {arr.shape[0]} rows but the data has {n_obs} spots/cells.")
+    check_finite(arr, name)
+    return arr
+
+
+def spatial_coords(adata, key: str = "spatial") -> np.ndarray:
+    """``adata.obsm[key]`` as a checked (n, 2) float array."""
+    if key not in adata.obsm:
+        raise KeyError(f"adata.obsm[{key!r}] is missing: store spot/cell positions there as an (n, 2) array "
+                       f"(scanpy/squidpy convention). Available obsm keys: {list(adata.obsm.keys())}.")
+    return check_coords(adata.obsm[key], n_obs=adata.n_obs, name=f"obsm[{key!r}]")
+
+
+def check_counts(X, name: str = "X") -> None:
+    """Raise unless ``X`` holds non-negative integer counts (as stored floats or ints)."""
+    check_finite(X, name)
+    values = X.data if sparse.issparse(X) else np.asarray(X)
+    if values.size == 0:
+        return
+    if values.min() < 0:
+        raise ValueError(f"{name} has negative values, so it is not raw counts (it looks scaled or "
+                         "log-transformed). Pass raw UMI counts, e.g. from adata.layers['counts'] or adata.raw.")
+    sample = values[: min(values.size, 1_000_000)]
+    if not np.allclose(sample, np.round(sample)):
+        raise ValueError(f"{name} holds non-integer values, so it is not raw counts (it looks normalised or "
+                         "log-transformed). This method needs raw counts: pass them with layer='counts', or "
+                         "store them in adata.layers['counts'].")
+
+
+def counts_matrix(adata, layer: str | None = None):
+    """The raw-count matrix (``adata.X`` or ``adata.layers[layer]``), checked."""
+    if layer is not None and layer not in adata.layers:
+        raise KeyError(f"adata.layers[{layer!r}] is missing; available layers: {list(adata.layers.keys())}.")
+    X = adata.X if layer is None else adata.layers[layer]
+    check_counts(X, "adata.X" if layer is None else f"adata.layers[{layer!r}]")
+    return X
+
+
+def check_n_clusters(n_clusters: int, n_obs: int) -> None:
+    """Raise unless ``1 <= n_clusters <= n_obs``."""
+    if int(n_clusters) != n_clusters or n_clusters < 1:
+        raise ValueError(f"n_clusters={n_clusters} must be a positive integer.")
+    if n_clusters > n_obs:
+        raise ValueError(f"n_clusters={n_clusters} is larger than the number of spots ({n_obs}); "
+                         "ask for fewer domains.")
+
+
+def check_image_covers(image, coords_px, scale: float = 1.0, *, margin: float = 0.0) -> None:
+    """Raise if spots (full-resolution pixels times ``scale``) fall outside ``image`` (H, W[, C])."""
+    h, w = np.asarray(image).shape[:2]
+    xy = np.asarray(coords_px, dtype=np.float64) * scale
+    outside = (xy[:, 0] < -margin) | (xy[:, 1] < -margin) | (xy[:, 0] >= w + margin) | (xy[:, 1] >= h + margin)
+    if outside.any():
+        raise ValueError(
+            f"{int(outside.sum())} of {len(xy)} spots fall outside the {w}x{h} image after scaling by {scale:g}. "
+            "Check that obsm['spatial'] is in full-resolution pixels (x, y) and that the scale factor matches "
+            "the image (tissue_hires_scalef for 'hires', tissue_lowres_scalef for 'lowres')."
+        )
+
+
+def shared_genes(spatial, reference, *, min_genes: int = 1) -> pd.Index:
+    """Genes present in both AnnData objects, in the spatial data's order."""
+    genes = spatial.var_names[spatial.var_names.isin(reference.var_names)]
+    if len(genes) < min_genes:
+        example_a = ", ".join(map(str, spatial.var_names[:3]))
+        example_b = ", ".join(map(str, reference.var_names[:3]))
+        raise ValueError(
+            f"The spatial data and the reference share {len(genes)} genes (need at least {min_genes}). "
+            f"Spatial genes look like [{example_a}], reference genes like [{example_b}]: use the same naming "
+            "(symbols vs Ensembl IDs, same case) in both var_names."
+        )
+    return genes
+
+
+def cell_type_labels(reference, key: str = "cell_type") -> pd.Series:
+    """``reference.obs[key]`` as strings, with a clear error when missing or incomplete."""
+    if key not in reference.obs:
+        raise KeyError(f"reference.obs[{key!r}] is missing: put cell-type labels there or name the column "
+                       f"with --cell-type-key. Available columns: {list(reference.obs.columns)}.")
+    labels = reference.obs[key]
+    if labels.isna().any():
+        raise ValueError(f"{int(labels.isna().sum())} reference cells have no {key!r}; drop them first.")
+    return labels.astype(str)
