@@ -91,17 +91,31 @@ def check_n_clusters(n_clusters: int, n_obs: int) -> None:
                          "ask for fewer domains.")
 
 
-def check_image_covers(image, coords_px, scale: float = 1.0, *, margin: float = 0.0) -> None:
-    """Raise if spots (full-resolution pixels times ``scale``) fall outside ``image`` (H, W[, C])."""
+def check_image_covers(image, coords_px, scale: float = 1.0, *, tolerance: float = 0.0) -> np.ndarray:
+    """Spot centres in image pixels, ``coords_px * scale`` (n, 2) = (x, y), after checking they lie on ``image``.
+
+    Pixel ``(r, c)`` is centred at ``(x, y) = (c, r)``, so the image spans ``[-0.5, W - 0.5]`` horizontally;
+    ``tolerance`` (image pixels) absorbs rounding of scale factors.
+    """
+    xy = np.asarray(coords_px, dtype=np.float64)
+    if xy.ndim != 2 or xy.shape[1] != 2:
+        raise ValueError(f"coords_px must be an (n, 2) array of (x, y) pixels, got shape {xy.shape}.")
+    check_finite(xy, "coords_px")
+    if not np.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale={scale}: must be a positive scale factor (image pixels per full-res pixel).")
+    xy = xy * scale
     h, w = np.asarray(image).shape[:2]
-    xy = np.asarray(coords_px, dtype=np.float64) * scale
-    outside = (xy[:, 0] < -margin) | (xy[:, 1] < -margin) | (xy[:, 0] >= w + margin) | (xy[:, 1] >= h + margin)
+    lo = -0.5 - tolerance
+    outside = (xy[:, 0] < lo) | (xy[:, 1] < lo) | (xy[:, 0] > w - 0.5 + tolerance) | (xy[:, 1] > h - 0.5 + tolerance)
     if outside.any():
         raise ValueError(
-            f"{int(outside.sum())} of {len(xy)} spots fall outside the {w}x{h} image after scaling by {scale:g}. "
-            "Check that obsm['spatial'] is in full-resolution pixels (x, y) and that the scale factor matches "
-            "the image (tissue_hires_scalef for 'hires', tissue_lowres_scalef for 'lowres')."
+            f"{int(outside.sum())} of {len(xy)} spots fall outside the {w}x{h} (W x H) image after scaling the "
+            f"coordinates by scale={scale:g} (spot x spans {xy[:, 0].min():.0f}..{xy[:, 0].max():.0f}, y spans "
+            f"{xy[:, 1].min():.0f}..{xy[:, 1].max():.0f}). Check the scale factor (tissue_hires_scalef for the "
+            "hires image, tissue_lowres_scalef for lowres, 1 for the full-resolution image), that obsm['spatial'] "
+            "is (x, y) in full-resolution pixels, and that the image belongs to this library_id."
         )
+    return xy
 
 
 def shared_genes(spatial, reference, *, min_genes: int = 1) -> pd.Index:

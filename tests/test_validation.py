@@ -58,8 +58,8 @@ def test_n_clusters():
 
 def test_image_covers():
     img = np.zeros((100, 200, 3))
-    v.check_image_covers(img, np.array([[10, 10], [199, 99]]))
-    with pytest.raises(ValueError, match="1 of 2 spots fall outside the 200x100 image"):
+    assert np.allclose(v.check_image_covers(img, np.array([[10, 10], [199, 99]]), 0.5), [[5, 5], [99.5, 49.5]])
+    with pytest.raises(ValueError, match="1 of 2 spots fall outside the 200x100"):
         v.check_image_covers(img, np.array([[10, 10], [250, 50]]))
     with pytest.raises(ValueError, match="scale factor"):
         v.check_image_covers(img, np.array([[1000, 1000]]), scale=0.5)
