@@ -13,8 +13,9 @@ deconv        MERFISH hypothalamus cells summed on a 100 µm grid (known composi
               scRNA-seq reference; Li et al. 2022 deconvolution metrics, averaged over cell types
 impute        MERFISH hypothalamus + Moffitt reference, shared genes split in 5 folds, each fold hidden and
               predicted; Li et al. 2022 gene metrics, averaged over genes
-locate        MERFISH hypothalamus: cells of one z-plane placed on the cells of the other plane from their
-              expression; location error (µm) and neighbourhood preservation
+locate        MERFISH hypothalamus, one section: a random half of the cells keeps its positions (the spatial
+              reference), the other half is placed from expression alone; location error (µm) and
+              neighbourhood preservation
 graphs        graph builders on 100,000 random spots: time and memory
 ============  ===========================================================================================
 
@@ -44,7 +45,7 @@ TASK_DATASETS = {
     "domains": ["dlpfc_151673", "dlpfc_151674"],
     "deconv": ["merfish_grid100"],
     "impute": ["merfish_moffitt"],
-    "locate": ["merfish_planes"],
+    "locate": ["merfish_half_section"],
     "graphs": ["random_100k"],
 }
 GRAPH_BUILDERS = ["knn_graph", "radius_graph", "visium_hex_graph", "feature_knn_graph"]
@@ -120,9 +121,9 @@ def load_task_data(task: str, dataset: str, fast: bool):
         shared = cells.var_names[cells.var_names.isin(reference.var_names)]
         return cells[:, shared].copy(), reference, None
     if task == "locate":
-        z = cells.obs["z"].to_numpy()
-        planes = np.unique(z)
-        spatial, query = cells[z == planes[0]].copy(), cells[z == planes[1]].copy()
+        section = cells[cells.obs["z"] == cells.obs["z"].max()]
+        half = np.random.default_rng(0).permutation(section.n_obs) < section.n_obs // 2
+        spatial, query = section[half].copy(), section[~half].copy()
         truth = np.asarray(query.obsm["spatial"]).copy()
         del query.obsm["spatial"]
         return spatial, query, truth

@@ -50,11 +50,14 @@ def _image(adata, library_id, resolution):
 
 def spatial(adata, color: str | None = None, *, ax=None, image: bool = True, library_id: str | None = None,
             resolution: str | None = None, basis: str = "spatial", size: float | None = None, title=None,
-            cmap: str = "viridis", legend: bool = True, categories=None, alpha: float = 1.0, crop: bool = True):
+            cmap: str = "viridis", legend: bool = True, categories=None, alpha: float = 1.0, crop: bool = True,
+            vmin: float | None = None, vmax: float | None = None, colours: dict | None = None):
     """Scatter the spots of ``adata`` coloured by ``adata.obs[color]`` (or a gene / ``None``), over its image.
 
     Categorical colours follow ``categories`` (default: the column's categories) so two panels of the same
-    labels share colours. Missing labels are drawn in light grey.
+    labels share colours; ``colours`` maps categories to colours explicitly. Missing labels are drawn in light
+    grey. Continuous values are drawn lowest first, so
+    high values stay visible; ``vmin``/``vmax`` clip the colour scale (e.g. ``vmax=np.percentile(v, 99)``).
     """
     if ax is None:
         _, ax = plt.subplots(figsize=(4, 4))
@@ -72,7 +75,7 @@ def spatial(adata, color: str | None = None, *, ax=None, image: bool = True, lib
         if isinstance(values, pd.Series) and (values.dtype.name == "category" or values.dtype == object):
             cats = list(categories) if categories is not None else list(
                 values.cat.categories if values.dtype.name == "category" else pd.unique(values.dropna()))
-            colours = dict(zip(cats, palette(len(cats))))
+            colours = colours or dict(zip(cats, palette(len(cats))))
             missing = values.isna().to_numpy()
             ax.scatter(xy[missing, 0], xy[missing, 1], s=size, c="#dddddd", linewidths=0)
             for cat in cats:
@@ -82,7 +85,9 @@ def spatial(adata, color: str | None = None, *, ax=None, image: bool = True, lib
                 ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), markerscale=max(1, 12 / size ** 0.5),
                           fontsize=7, handletextpad=0.1)
         else:
-            sc_ = ax.scatter(xy[:, 0], xy[:, 1], s=size, c=np.asarray(values, dtype=float), cmap=cmap,
+            values = np.asarray(values, dtype=float)
+            order = np.argsort(values, kind="stable")
+            sc_ = ax.scatter(xy[order, 0], xy[order, 1], s=size, c=values[order], cmap=cmap, vmin=vmin, vmax=vmax,
                              alpha=alpha, linewidths=0)
             if legend:
                 plt.colorbar(sc_, ax=ax, fraction=0.046, pad=0.02)
@@ -93,8 +98,8 @@ def spatial(adata, color: str | None = None, *, ax=None, image: bool = True, lib
     ax.set_aspect("equal")
     ax.set_xticks([])
     ax.set_yticks([])
-    for side in ("left", "bottom"):
-        ax.spines[side].set_visible(False)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
     ax.set_title(title if title is not None else (color or ""))
     return ax
 
@@ -106,10 +111,26 @@ def _gene(adata, gene):
     return np.asarray(col.toarray() if hasattr(col, "toarray") else col).ravel()
 
 
+def _matched_colours(truth: pd.Series, pred: pd.Series) -> dict:
+    """Colour of each predicted domain: that of the true domain it overlaps most (Hungarian matching on the
+    contingency table), so matched domains share colours across panels; unmatched domains get unused colours."""
+    from scipy.optimize import linear_sum_assignment
+
+    t_cats = list(truth.cat.categories) if truth.dtype.name == "category" else sorted(truth.dropna().unique())
+    p_cats = list(pred.cat.categories) if pred.dtype.name == "category" else sorted(pred.dropna().unique())
+    table = pd.crosstab(pred, truth).reindex(index=p_cats, columns=t_cats, fill_value=0).to_numpy()
+    rows, cols = linear_sum_assignment(-table)
+    colours = palette(len(t_cats) + len(p_cats))
+    mapping = {p_cats[r]: colours[c] for r, c in zip(rows, cols)}
+    spare = iter(colours[len(t_cats):])
+    return {cat: mapping.get(cat) or next(spare) for cat in p_cats}
+
+
 def domain_maps(adata, keys, *, truth: str | None = None, titles=None, image: bool = True, size=None,
-                ncols: int | None = None, panel_size: float = 3.2):
+                ncols: int | None = None, panel_size: float = 3.2, match_colours: bool = True):
     """Label maps side by side; each panel after ``truth`` is titled with its ARI against ``truth``.
 
+    With ``match_colours`` each predicted domain takes the colour of the true domain it overlaps most.
     Returns the figure.
     """
     from .metrics import ari
@@ -121,9 +142,13 @@ def domain_maps(adata, keys, *, truth: str | None = None, titles=None, image: bo
     for i, key in enumerate(keys):
         ax = axes.flat[i]
         title = titles[i] if titles else key
+        colours = None
         if truth and key != truth:
             title = f"{title}\nARI {ari(adata.obs[truth], adata.obs[key]):.3f}"
-        spatial(adata, key, ax=ax, image=image, size=size, title=title, legend=(i == len(keys) - 1) or key == truth)
+            if match_colours:
+                colours = _matched_colours(adata.obs[truth], adata.obs[key])
+        spatial(adata, key, ax=ax, image=image, size=size, title=title, colours=colours,
+                legend=(i == len(keys) - 1) or key == truth)
     for ax in axes.flat[len(keys):]:
         ax.axis("off")
     fig.tight_layout()
