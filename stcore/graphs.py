@@ -22,6 +22,7 @@ from .validation import check_coords, check_finite
 
 __all__ = [
     "knn_graph",
+    "knn_indices",
     "radius_graph",
     "visium_hex_graph",
     "feature_knn_graph",
@@ -54,20 +55,27 @@ def to_undirected(edge_index: torch.Tensor, num_nodes: int | None = None) -> tor
     return _as_edge_index(*_unique_sorted(src, dst, max(n, 1)))
 
 
+def knn_indices(points, k: int) -> np.ndarray:
+    """Indices (n, k) of each point's ``k`` nearest *other* points, nearest first (k-d tree).
+
+    With duplicated points a point may not come first in its own query; it is removed wherever it is.
+    """
+    points = np.asarray(points, dtype=np.float64)
+    n = points.shape[0]
+    if not 1 <= k < n:
+        raise ValueError(f"k={k} neighbours requested for {n} points: k must be between 1 and n - 1 = {n - 1}; "
+                         "use a smaller k or more spots.")
+    idx = cKDTree(points).query(points, k=k + 1)[1]
+    is_self = idx == np.arange(n)[:, None]
+    self_first = np.take_along_axis(idx, np.argsort(~is_self, axis=1, kind="stable"), axis=1)
+    return np.where(is_self.any(1, keepdims=True), self_first[:, 1:], idx[:, :k])
+
+
 def _knn_edges(points: np.ndarray, k: int, symmetric: bool) -> torch.Tensor:
     """kNN edges ``neighbour -> node`` on any (n, d) points (k-d tree; fine up to a few tens of dimensions)."""
     n = points.shape[0]
-    if not 1 <= k < n:
-        raise ValueError(f"k={k} must be between 1 and n - 1 = {n - 1}; use a smaller k or more spots.")
-    _, idx = cKDTree(points).query(points, k=k + 1)
-    centre = np.repeat(np.arange(n), k + 1)
-    nbr = idx.reshape(-1)
-    keep = nbr != centre  # drops self; with duplicated points self may fall outside the k + 1, handled below
-    src, dst = nbr[keep], centre[keep]
-    order = np.lexsort((np.arange(src.size), dst))  # stable: nearest first within each node
-    src, dst = src[order], dst[order]
-    rank = np.arange(dst.size) - np.searchsorted(dst, dst)
-    src, dst = src[rank < k], dst[rank < k]  # exactly k neighbours per node
+    src = knn_indices(points, k).reshape(-1)
+    dst = np.repeat(np.arange(n), k)
     if symmetric:
         src, dst = np.concatenate([src, dst]), np.concatenate([dst, src])
     return _as_edge_index(*_unique_sorted(src, dst, n))

@@ -130,3 +130,10 @@ def test_to_undirected_and_roundtrip():
     A = graphs.to_scipy(und, 3)
     back, w = graphs.from_scipy(A)
     assert _edges(back) == _edges(und) and torch.all(w == 1)
+
+
+def test_knn_indices_exclude_self_even_with_duplicates():
+    xy = np.array([[0, 0], [0, 0], [1, 0], [5, 0]], float)
+    idx = graphs.knn_indices(xy, 2)
+    assert not (idx == np.arange(4)[:, None]).any()
+    assert set(idx[0]) == {1, 2} and set(idx[1]) == {0, 2}
