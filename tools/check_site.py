@@ -19,6 +19,7 @@ import threading
 from html.parser import HTMLParser
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 PAGES = [
     ("index.html", "Deep learning for spatial transcriptomics integration", False),
@@ -30,10 +31,16 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 
 
 class _Recorder(SimpleHTTPRequestHandler):
-    requests: list = []
+    requests: ClassVar[list] = []
 
     def log_message(self, fmt, *args):  # keep the output quiet; record instead
         pass
+
+    def handle(self):
+        try:
+            super().handle()
+        except (BrokenPipeError, ConnectionResetError):  # the browser closed early; nothing to report
+            pass
 
     def send_response(self, code, message=None):
         type(self).requests.append((self.path, code))
@@ -43,12 +50,13 @@ class _Recorder(SimpleHTTPRequestHandler):
 class _PageParser(HTMLParser):
     def __init__(self):
         super().__init__()
-        self.title, self.images, self._in_title = "", [], False
+        self.title, self.images, self._in_title, self._titles = "", [], False, 0
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
         if tag == "title":
-            self._in_title = True
+            self._titles += 1
+            self._in_title = self._titles == 1  # the page's own <title>; icons carry <title>s of their own
         if tag == "img" and attrs.get("src"):
             self.images.append(attrs["src"])
 
