@@ -5,7 +5,7 @@ directed edges ``source -> target``. Unless stated otherwise graphs are symmetri
 self loops and are sorted by (source, target). Weighted builders also return ``edge_weight`` of shape ``(E,)``.
 
 Nothing here builds a dense ``N x N`` matrix: neighbour search uses k-d trees (``scipy.spatial.cKDTree``) or
-scikit-learn, so memory is ``O(N k)`` and a kNN graph on 100,000 spots takes about a second
+scikit-learn's chunked search, so memory is ``O(N k)`` and a kNN graph on 100,000 spots takes about a second
 (``stcore bench graphs`` measures it).
 
 Taught in: chapter ``c02_gnn_spatial_graphs``.
@@ -56,8 +56,10 @@ def to_undirected(edge_index: torch.Tensor, num_nodes: int | None = None) -> tor
 
 
 def knn_indices(points, k: int) -> np.ndarray:
-    """Indices (n, k) of each point's ``k`` nearest *other* points, nearest first (k-d tree).
+    """Indices (n, k) of each point's ``k`` nearest *other* points, nearest first (exact search).
 
+    Up to 15 dimensions a k-d tree answers in about ``O(n log n)``; above that k-d trees degrade to brute force,
+    so scikit-learn's chunked brute-force search (``O(n^2 d)`` time, bounded memory) is used instead.
     With duplicated points a point may not come first in its own query; it is removed wherever it is.
     """
     points = np.asarray(points, dtype=np.float64)
@@ -65,7 +67,12 @@ def knn_indices(points, k: int) -> np.ndarray:
     if not 1 <= k < n:
         raise ValueError(f"k={k} neighbours requested for {n} points: k must be between 1 and n - 1 = {n - 1}; "
                          "use a smaller k or more spots.")
-    idx = cKDTree(points).query(points, k=k + 1)[1]
+    if points.shape[1] <= 15:
+        idx = cKDTree(points).query(points, k=k + 1)[1]
+    else:
+        from sklearn.neighbors import NearestNeighbors
+
+        idx = NearestNeighbors(n_neighbors=k + 1, algorithm="brute").fit(points).kneighbors(points)[1]
     is_self = idx == np.arange(n)[:, None]
     self_first = np.take_along_axis(idx, np.argsort(~is_self, axis=1, kind="stable"), axis=1)
     return np.where(is_self.any(1, keepdims=True), self_first[:, 1:], idx[:, :k])
