@@ -43,7 +43,7 @@ def _flag(name: str, default: bool = False) -> bool:
 
 def _default_data_dir() -> Path:
     repo_data = Path(__file__).resolve().parents[1] / "data"
-    if (repo_data / "README.md").exists():
+    if repo_data.is_dir() and any(repo_data.glob("*.h5ad")):
         return repo_data
     return Path.home() / ".cache" / "stcore"
 
