@@ -6,7 +6,7 @@ JOBS    ?= 2
 CHAPTERS := $(sort $(wildcard chapters/*/c*.py))
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: setup test test-unit test-chapters test-book book bench lock clean
+.PHONY: setup test test-unit test-chapters test-book book bench student lock clean
 
 setup: ## virtual environment with CPU PyTorch, stcore and the test + book tools
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ book: ## every chapter at full budget, rendered to book/_build/html
 
 bench: ## leaderboards of every task into results/
 	for t in graphs domains deconv impute locate; do $(BIN)/stcore bench $$t --out results || exit 1; done
+
+student: ## workshop copies of the chapters, solutions removed, in build/student/
+	$(BIN)/python tools/make_student.py build/student
 
 lock: ## refresh the pinned versions after changing dependencies
 	$(BIN)/pip freeze --exclude-editable | sed 's/+cpu$$//' > requirements-lock.txt
