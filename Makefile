@@ -16,12 +16,12 @@ setup: ## virtual environment with CPU PyTorch, stcore and the test + book tools
 test: test-unit test-chapters test-book ## everything: unit tests, every chapter (FAST), the rendered book in Chromium
 
 test-unit:
-	STCORE_FAST=1 $(BIN)/pytest -q -n $(JOBS) tests
+	STCORE_FAST=1 OMP_NUM_THREADS=1 $(BIN)/pytest -q -n $(JOBS) tests
 
 test-chapters: ## each chapter converted to .ipynb and executed with nbmake in FAST mode
 	rm -rf build/notebooks && mkdir -p build/notebooks
 	for f in $(CHAPTERS); do $(BIN)/jupytext --quiet --to ipynb "$$f" -o "build/notebooks/$$(basename $${f%.py}).ipynb" || exit 1; done
-	STCORE_FAST=1 $(BIN)/pytest -q -n $(JOBS) --nbmake --nbmake-timeout=600 build/notebooks
+	STCORE_FAST=1 OMP_NUM_THREADS=1 $(BIN)/pytest -q -n $(JOBS) --nbmake --nbmake-timeout=600 build/notebooks
 
 test-book: ## FAST build of the site, then a headless-Chromium check of the index and a chapter page
 	$(BIN)/python tools/build_book.py --fast

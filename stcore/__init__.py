@@ -12,6 +12,12 @@ Submodules are imported on first use, so ``import stcore`` stays light::
 from __future__ import annotations
 
 import importlib
+import os
+
+# numba (used by scanpy) resets the OpenMP thread count that torch shares to its own default, all cores. Keep it
+# at the user's OMP_NUM_THREADS so that `OMP_NUM_THREADS=1` still means one thread per process after a scanpy call.
+if "OMP_NUM_THREADS" in os.environ:
+    os.environ.setdefault("NUMBA_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
 
 __version__ = "0.1.0"
 

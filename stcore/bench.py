@@ -50,21 +50,6 @@ TASK_DATASETS = {
 }
 GRAPH_BUILDERS = ["knn_graph", "radius_graph", "visium_hex_graph", "feature_knn_graph"]
 
-# MERFISH cell classes (Moffitt et al. 2018) and the reference's cell types, mapped to the classes both share.
-MERFISH_TO_SHARED = {
-    "Astrocyte": "Astrocyte", "Endothelial 1": "Endothelial", "Endothelial 2": "Endothelial",
-    "Endothelial 3": "Endothelial", "Ependymal": "Ependymal", "Excitatory": "Excitatory", "Inhibitory": "Inhibitory",
-    "Microglia": "Microglia", "OD Immature 1": "OD Immature", "OD Immature 2": "OD Immature",
-    "OD Mature 1": "OD Mature", "OD Mature 2": "OD Mature", "OD Mature 3": "OD Mature", "OD Mature 4": "OD Mature",
-    "Pericytes": "Mural",
-}
-REFERENCE_TO_SHARED = {
-    "Astrocytes": "Astrocyte", "Endothelial": "Endothelial", "Ependymal": "Ependymal", "Excitatory": "Excitatory",
-    "Inhibitory": "Inhibitory", "Microglia": "Microglia", "Immature oligodendrocyte": "OD Immature",
-    "Newly formed oligodendrocyte": "OD Immature", "Mature oligodendrocyte": "OD Mature", "Mural": "Mural",
-}
-
-
 def _rss_mb() -> float:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -91,18 +76,10 @@ def _crop(adata, n: int):
 
 
 def _merfish_pair(fast: bool):
-    """MERFISH cells and the Moffitt reference restricted to the cell classes both share."""
-    from . import data
+    from .data import merfish_moffitt_pair
 
-    cells = data.load("merfish_hypothalamus")
-    cells = cells[cells.obs["cell_class"].isin(list(MERFISH_TO_SHARED))].copy()
-    cells.obs["cell_type"] = cells.obs["cell_class"].map(MERFISH_TO_SHARED).astype(str)
-    reference = data.load("moffitt_scrna")
-    reference = reference[reference.obs["cell_type"].isin(list(REFERENCE_TO_SHARED))].copy()
-    reference.obs["cell_type"] = reference.obs["cell_type"].map(REFERENCE_TO_SHARED).astype(str)
-    if fast:
-        cells = _subsample(cells, 1500)
-    return cells, reference
+    cells, reference = merfish_moffitt_pair()
+    return (_subsample(cells, 1500) if fast else cells), reference
 
 
 def load_task_data(task: str, dataset: str, fast: bool):

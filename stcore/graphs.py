@@ -277,7 +277,12 @@ def add_self_loops(edge_index: torch.Tensor, num_nodes: int) -> torch.Tensor:
 
 
 def to_scipy(edge_index: torch.Tensor, num_nodes: int, edge_weight=None) -> sparse.csr_matrix:
-    """Sparse adjacency ``A`` with ``A[source, target] = weight`` (duplicates summed)."""
+    """Sparse adjacency ``A`` with ``A[source, target] = weight`` (duplicates summed).
+
+    Note the orientation: ``A @ X`` sums over each node's *targets*, whereas PyG's message passing aggregates over
+    *sources* (``A.T @ X``). The two agree on the symmetric graphs the builders here return; for a directed graph
+    use ``to_scipy(edge_index.flip(0), n)`` to aggregate as PyG does.
+    """
     ei = edge_index.cpu().numpy()
     w = np.ones(ei.shape[1], np.float32) if edge_weight is None else np.asarray(
         edge_weight.detach().cpu() if torch.is_tensor(edge_weight) else edge_weight, dtype=np.float32)
@@ -297,7 +302,8 @@ def normalize(edge_index: torch.Tensor, num_nodes: int, edge_weight=None, *, kin
     * ``kind="sym"``: :math:`\hat A = D^{-1/2}(A + I)D^{-1/2}` (Kipf & Welling's GCN propagation);
     * ``kind="rw"``: :math:`\hat A = D^{-1}(A + I)` (row-stochastic, neighbourhood averaging).
 
-    ``self_loops=False`` leaves out the ``+ I``.
+    ``self_loops=False`` leaves out the ``+ I``. Rows index sources, as in :func:`to_scipy`; for the symmetric
+    graphs of this module ``"sym"`` is symmetric and ``"rw"`` averages over neighbours.
     """
     A = to_scipy(edge_index, num_nodes, edge_weight)
     if self_loops:

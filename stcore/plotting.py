@@ -167,7 +167,8 @@ def loss_curves(history, *, ax=None, log: bool = False, total: bool = True):
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
     if log:
-        ax.set_yscale("symlog")
+        values = np.concatenate([np.asarray(v, float) for v in terms.values()])
+        ax.set_yscale("log" if np.all(values > 0) else "symlog")
     ax.legend(fontsize=7)
     return ax
 

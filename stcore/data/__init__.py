@@ -14,8 +14,9 @@ from __future__ import annotations
 import importlib
 
 from .loaders import fetch_upstream, info, list_datasets, load, names, upstream_files
+from .pairs import merfish_moffitt_pair
 
-__all__ = ["fetch_upstream", "info", "list_datasets", "load", "names", "upstream_files"]
+__all__ = ["fetch_upstream", "info", "list_datasets", "load", "merfish_moffitt_pair", "names", "upstream_files"]
 
 
 def __getattr__(attr: str):
