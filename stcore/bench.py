@@ -257,6 +257,10 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
     return grouped.mean().join(grouped.std(ddof=0), rsuffix="_sd")
 
 
+def _fmt(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 1000 and float(value).is_integer() else f"{value:.3g}"
+
+
 def format_table(table: pd.DataFrame) -> str:
     """A markdown leaderboard: mean ± sd over seeds, and any failed runs."""
     lines = []
@@ -269,8 +273,7 @@ def format_table(table: pd.DataFrame) -> str:
         header = ["method", "dataset", "seeds"] + numeric
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for key in mean.index:
-            cells = [f"{mean.loc[key, c]:.3g} ± {sd.loc[key, c]:.2g}" if n[key] > 1 else f"{mean.loc[key, c]:.3g}"
-                     for c in numeric]
+            cells = [_fmt(mean.loc[key, c]) + (f" ± {sd.loc[key, c]:.2g}" if n[key] > 1 else "") for c in numeric]
             lines.append("| " + " | ".join([key[0], key[1], str(n[key])] + cells) + " |")
     for _, row in failed.iterrows():
         lines.append(f"\nFAILED {row['method']} on {row['dataset']} (seed {row['seed']}): {row['error']}")
