@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from .validation import check_image_covers
 
 __all__ = [
+    "colour_coordinate",
     "TILE_FEATURES",
     "augment",
     "colour_features",
@@ -234,6 +235,30 @@ def _tiles_nhwc_float(tiles) -> np.ndarray:
     if t.size and (t.min() < -1e-6 or t.max() > 1 + 1e-6):
         raise ValueError("float tiles must lie in [0, 1]; divide 0-255 values by 255 (or pass uint8).")
     return t
+
+
+def colour_coordinate(image, coords_px, scale: float = 1.0, *, beta: float = 49, alpha: float = 1.0) -> np.ndarray:
+    r"""SpaGCN's histology "third coordinate" of each spot (also used by TransformerST).
+
+    The mean RGB :math:`(c_1, c_2, c_3)` of a :math:`\beta \times \beta` full-resolution-pixel window
+    around each spot is collapsed into one value, weighting channels by their variance over spots, then
+    z-scored and rescaled to the spread of the spot coordinates:
+
+    .. math:: c_i = \frac{\sum_k \operatorname{Var}(c_k)\, c_{ik}}{\sum_k \operatorname{Var}(c_k)}, \qquad
+              z_i = \alpha \cdot \max(\operatorname{sd}(x), \operatorname{sd}(y)) \cdot
+              \frac{c_i - \bar c}{\operatorname{sd}(c)}
+
+    Returns
+    -------
+    z : (n,) float array, in the units of ``coords_px``.
+    """
+    rgb = colour_features(image, coords_px, scale=scale, radius=(beta - 1) / 2)
+    var = rgb.var(0)
+    c = (rgb * var).sum(1) / var.sum() if var.sum() > 0 else rgb.mean(1)
+    sd = c.std()
+    z = (c - c.mean()) / sd if sd > 0 else np.zeros_like(c)
+    xy = np.asarray(coords_px, dtype=np.float64)
+    return alpha * max(xy[:, 0].std(), xy[:, 1].std()) * z
 
 
 def spot_tile_features(tiles, levels: int = 8) -> np.ndarray:

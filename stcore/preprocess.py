@@ -16,9 +16,9 @@ from .validation import counts_matrix
 __all__ = ["log_normalize", "highly_variable", "pca", "hvg_pca"]
 
 
-def log_normalize(adata: ad.AnnData, *, target_sum: float = 1e4, layer: str | None = None) -> ad.AnnData:
-    r"""Copy of ``adata`` with :math:`\log(1 + 10^4 x_{ig} / \sum_g x_{ig})` in ``.X`` and raw counts in
-    ``layers["counts"]``."""
+def log_normalize(adata: ad.AnnData, *, target_sum: float | None = 1e4, layer: str | None = None) -> ad.AnnData:
+    r"""Copy of ``adata`` with :math:`\log(1 + s\, x_{ig} / \sum_g x_{ig})` in ``.X`` and raw counts in
+    ``layers["counts"]``; ``s = target_sum`` (``None``: the median library size, scanpy's ``normalize_per_cell``)."""
     counts = counts_matrix(adata, layer)
     out = ad.AnnData(X=counts.astype(np.float32).copy(), obs=adata.obs.copy(), var=adata.var.copy())
     out.obsm = adata.obsm.copy()

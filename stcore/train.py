@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import random
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -84,7 +84,7 @@ def fit(
     device: str | torch.device | None = None,
     progress: bool = True,
     desc: str | None = None,
-    callback: Callable[[int, dict], None] | None = None,
+    callback: Callable[[int, dict], bool | None] | None = None,
 ) -> History:
     """Train ``model`` by minimising the sum of the terms returned by ``model.loss(batch)``.
 
@@ -108,7 +108,8 @@ def fit(
     grad_clip
         Clip the gradient norm to this value.
     callback
-        Called as ``callback(epoch, terms)`` after each epoch (e.g. to update a target network or an EMA).
+        Called as ``callback(epoch, terms)`` after each epoch (e.g. to update a target network or an EMA, or to
+        check a method's own convergence rule); returning ``True`` stops training.
 
     Returns
     -------
@@ -156,8 +157,9 @@ def fit(
         epoch_total = sum(means.values())
         history.total.append(epoch_total)
         bar.set_postfix(loss=f"{epoch_total:.4g}")
-        if callback is not None:
-            callback(epoch, means)
+        if callback is not None and callback(epoch, means):
+            history.stopped_early = True
+            break
         if epoch_total < best - min_delta:
             best, wait, history.best_epoch = epoch_total, 0, epoch
             if restore_best:

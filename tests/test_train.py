@@ -77,3 +77,8 @@ def test_errors():
         train.fit(Exploding(), epochs=2, progress=False)
     with pytest.raises(ValueError, match="at least 1"):
         train.fit(Quadratic(), epochs=0)
+
+
+def test_callback_can_stop_training():
+    hist = train.fit(Quadratic(), epochs=100, progress=False, callback=lambda epoch, terms: epoch == 4)
+    assert len(hist) == 5 and hist.stopped_early
