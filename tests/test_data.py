@@ -124,8 +124,8 @@ def test_checksum_computed_once_per_process(monkeypatch, tmp_path):
     shutil.copyfile(DATA / "moffitt_scrna.h5ad", tmp_path / "moffitt_scrna.h5ad")
     monkeypatch.setenv("STCORE_DATA_DIR", str(tmp_path))
     calls = []
-    real = loaders._sha256
-    monkeypatch.setattr(loaders, "_sha256", lambda p: calls.append(p) or real(p))
+    real = loaders.file_sha256
+    monkeypatch.setattr(loaders, "file_sha256", lambda p: calls.append(p) or real(p))
     stcore.data.load("moffitt_scrna")
     stcore.data.load("moffitt_scrna")
     assert len(calls) == 1

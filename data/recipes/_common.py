@@ -16,12 +16,13 @@ Run a recipe from the repository root, e.g.::
 from __future__ import annotations
 
 import argparse
-import hashlib
 from pathlib import Path
 
 import h5py
 import numpy as np
 import yaml
+
+from stcore.data.loaders import file_sha256 as sha256
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "data"
@@ -53,14 +54,6 @@ def parse_args(description: str, extra=None) -> argparse.Namespace:
                      "stcore.data.fetch_upstream(name) and pass the folder it returns")
     args.out.mkdir(parents=True, exist_ok=True)
     return args
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def upstream(raw: Path, rel: str, source: str, repo_path: str, note: str | None = None,

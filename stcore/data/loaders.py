@@ -57,7 +57,8 @@ def list_datasets() -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["name", "shape", "description", "licence", "citation", "file"])
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (shared with data/recipes)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -76,7 +77,7 @@ def _checked_path(name: str, file: str, sha256: str, data_dir: Path, entry: dict
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if _VERIFIED.get(key) != sha256:
-        actual = _sha256(path)
+        actual = file_sha256(path)
         if actual != sha256:
             raise ValueError(
                 f"dataset {name!r}: {path} has sha256 {actual[:16]}..., the registry expects {sha256[:16]}...: the "
