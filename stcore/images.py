@@ -34,6 +34,7 @@ __all__ = [
     "colour_features",
     "encode_tiles",
     "image_and_scale",
+    "slide_tile_features",
     "spot_tile_features",
     "spot_tiles",
     "to_tensor",
@@ -626,3 +627,49 @@ def encode_tiles(encoder: nn.Module, tiles, batch_size: int = 512) -> np.ndarray
     if not out:
         raise ValueError("No tiles to encode (n = 0).")
     return torch.cat(out).numpy()
+
+
+def slide_tile_features(
+    adata,
+    tile_fullres: float = 224.0,
+    *,
+    n_latent: int = 64,
+    epochs: int = 30,
+    seed: int = 0,
+    weights: str | None = None,
+    encoder: nn.Module | None = None,
+    library_id: str | None = None,
+    min_px: int = 16,
+    progress: bool = True,
+) -> np.ndarray:
+    """One feature vector per spot from its H&E tile: the tile CNN shared by SpaCell, stLearn and DeepST.
+
+    The originals pass each spot's tile through an ImageNet-pretrained CNN (ResNet-50, Inception-v3). Those
+    weights cannot be downloaded here, so by default a :class:`stcore.nn.TileCNN` is trained on the slide's own
+    tiles with SimCLR (:func:`train_tile_encoder`) and then encodes them (:func:`encode_tiles`). Give ``weights``
+    (a ``state_dict`` file saved from a TileCNN of the same ``n_latent``) or a ready ``encoder`` to skip training.
+
+    Tiles come from ``obsm["tiles"]`` when present (already cut from the full-resolution image), else from the
+    best image in ``uns["spatial"]``: a square of ``tile_fullres`` full-resolution pixels around each spot, but at
+    least ``min_px`` image pixels (on a low-resolution image a spot covers only a few pixels).
+
+    Returns
+    -------
+    (n_spots, n_latent) float32 array.
+    """
+    from .validation import spatial_coords
+
+    if "tiles" in getattr(adata, "obsm", {}):
+        tiles = np.asarray(adata.obsm["tiles"])
+    else:
+        image, scale = image_and_scale(adata, library_id, resolution=None)
+        size = max(int(min_px), int(round(tile_fullres * scale)))
+        tiles = spot_tiles(image, spatial_coords(adata), size, scale)
+    if encoder is None:
+        from .nn import TileCNN
+
+        if weights is not None:
+            encoder = TileCNN(n_latent=n_latent).load_pretrained(weights)
+        else:
+            encoder, _ = train_tile_encoder(tiles, n_latent=n_latent, epochs=epochs, seed=seed, progress=progress)
+    return encode_tiles(encoder, tiles)

@@ -258,3 +258,21 @@ def test_train_tile_encoder_errors():
 def test_module_exports():
     assert set(images.__all__) >= {"image_and_scale", "spot_tiles", "colour_features", "spot_tile_features",
                                    "augment", "train_tile_encoder", "encode_tiles"}
+
+
+def test_slide_tile_features_trains_or_loads(tmp_path):
+    from stcore.data import synthetic
+    from stcore.nn import TileCNN
+
+    adata = synthetic.toy_domains(n_spots=60, n_genes=20, n_domains=2, seed=0)
+    feats = images.slide_tile_features(adata, tile_fullres=100, n_latent=8, epochs=1, progress=False)
+    assert feats.shape == (60, 8) and feats.dtype == np.float32 and np.isfinite(feats).all()
+    model = TileCNN(n_latent=8)
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    loaded = images.slide_tile_features(adata, tile_fullres=100, n_latent=8, weights=tmp_path / "w.pt")
+    _, scale = images.image_and_scale(adata, resolution=None)
+    tiles = images.spot_tiles(images.image_and_scale(adata, resolution=None)[0], adata.obsm["spatial"],
+                              max(16, round(100 * scale)), scale)
+    np.testing.assert_allclose(loaded, images.encode_tiles(model, tiles), rtol=1e-5, atol=1e-6)
+    with pytest.raises(FileNotFoundError, match="Pretrained downloads"):
+        images.slide_tile_features(adata, weights=tmp_path / "missing.pt")
