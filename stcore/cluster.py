@@ -7,14 +7,12 @@
 * :func:`refine`: SpaGCN's majority-vote smoothing of labels over the nearest spots.
 * :func:`cluster`: one entry point for the methods, ``cluster(z, K, method="gmm")``.
 
-The kNN graph is built with :func:`stcore.graphs.feature_knn_graph` (exact k-d tree search), not
-``scanpy.pp.neighbors``.
+Graphs of an embedding are built as ``scanpy.pp.neighbors`` builds them (UMAP's fuzzy connectivities over the
+exact k nearest neighbours, :func:`umap_connectivities`), and communities are found with ``leidenalg``: the
+Leiden algorithm, or the Louvain algorithm of the ``louvain`` package that ``scanpy.tl.louvain`` calls.
 """
 
 from __future__ import annotations
-
-import random
-from contextlib import contextmanager
 
 import igraph as ig
 import leidenalg
@@ -25,7 +23,8 @@ from sklearn.mixture import GaussianMixture
 
 from .graphs import feature_knn_graph, knn_indices, to_scipy
 
-__all__ = ["cluster", "gmm", "kmeans", "knn_adjacency", "leiden", "louvain", "refine", "search_resolution"]
+__all__ = ["cluster", "gmm", "kmeans", "knn_adjacency", "leiden", "louvain", "refine", "search_resolution",
+           "umap_connectivities"]
 
 METHODS = ("gmm", "kmeans", "leiden", "louvain")
 
@@ -67,22 +66,57 @@ def _by_size(membership) -> np.ndarray:
 # graph clustering
 
 
-def knn_adjacency(X, n_neighbors: int = 15) -> sp.csr_matrix:
-    """Symmetric binary kNN adjacency (n, n) of an embedding (sparse, no self loops).
+def knn_adjacency(X, n_neighbors: int = 15, weighting: str = "umap") -> sp.csr_matrix:
+    """Symmetric kNN adjacency (n, n) of an embedding (sparse, no self loops), as ``scanpy.pp.neighbors`` builds it.
 
     As in scanpy, ``n_neighbors`` counts the spot itself, so each spot is joined to its ``n_neighbors - 1``
-    nearest other spots (Euclidean, exact search); the graph is the union of these edges (A = max(A, A^T)),
-    every edge with weight 1. (scanpy weights edges with UMAP's fuzzy connectivities instead; with the
-    resolution searched to a target K the difference rarely matters.)
+    nearest other spots (Euclidean, exact search). ``weighting="umap"`` (scanpy's default) weights the edges by
+    UMAP's fuzzy connectivities (:func:`umap_connectivities`); ``"binary"`` gives every edge of the union
+    ``max(A, A^T)`` weight 1.
     """
     X = _check_X(X)
     k = min(n_neighbors - 1, len(X) - 1)
     if k < 1:
         raise ValueError(f"n_neighbors={n_neighbors} with {len(X)} spots leaves no neighbours; use n_neighbors >= 2.")
-    return to_scipy(feature_knn_graph(X, k, metric="euclidean"), len(X))
+    if weighting == "umap":
+        return umap_connectivities(X, n_neighbors)
+    if weighting == "binary":
+        return to_scipy(feature_knn_graph(X, k, metric="euclidean"), len(X))
+    raise ValueError(f"weighting={weighting!r}: use 'umap' (scanpy's default) or 'binary'.")
 
 
-def _graph(data, n_neighbors: int) -> ig.Graph:
+def umap_connectivities(X, n_neighbors: int = 15) -> sp.csr_matrix:
+    r"""UMAP's fuzzy kNN graph (n, n), the ``connectivities`` of ``scanpy.pp.neighbors`` (McInnes et al. 2018).
+
+    With :math:`d_{ij}` the distance to each of the ``n_neighbors - 1`` nearest other points, :math:`\rho_i` the
+    nearest of them and :math:`\sigma_i` solved by bisection so that
+    :math:`\sum_{j} \exp(-(d_{ij} - \rho_i)/\sigma_i) = \log_2(\texttt{n\_neighbors})`,
+    the directed weights :math:`a_{ij} = \exp(-(d_{ij} - \rho_i)/\sigma_i)` are merged by the fuzzy union
+    :math:`w_{ij} = a_{ij} + a_{ji} - a_{ij} a_{ji}`. Memory O(n k).
+    """
+    X = _check_X(X)
+    n = len(X)
+    k = min(n_neighbors - 1, n - 1)
+    idx = knn_indices(X, k)
+    dist = np.linalg.norm(X[idx] - X[:, None, :], axis=2)                       # (n, k), nearest first
+    positive = np.where(dist > 0, dist, np.inf)
+    rho = np.where(np.isfinite(positive.min(1)), positive.min(1), 0.0)
+    gap = np.maximum(dist - rho[:, None], 0.0)
+    target = np.log2(n_neighbors)
+    lo, hi, sigma = np.zeros(n), np.full(n, np.inf), np.ones(n)
+    for _ in range(64):                                                          # bisection, as umap-learn
+        total = np.exp(-gap / sigma[:, None]).sum(1)
+        done = np.abs(total - target) < 1e-5
+        too_big = total > target
+        hi = np.where(too_big & ~done, sigma, hi)
+        lo = np.where(~too_big & ~done, sigma, lo)
+        sigma = np.where(done, sigma, np.where(np.isinf(hi), sigma * 2, (lo + hi) / 2))
+    sigma = np.maximum(sigma, 1e-3 * dist.mean(1))
+    a = sp.csr_matrix((np.exp(-gap / sigma[:, None]).ravel(), (np.repeat(np.arange(n), k), idx.ravel())), shape=(n, n))
+    return (a + a.T - a.multiply(a.T)).tocsr()
+
+
+def _graph(data, n_neighbors: int, weighting: str = "umap") -> ig.Graph:
     """igraph Graph (undirected, weighted) from an embedding or a sparse adjacency."""
     if sp.issparse(data):
         A = sp.csr_matrix(data, dtype=float)
@@ -90,32 +124,27 @@ def _graph(data, n_neighbors: int) -> ig.Graph:
             raise ValueError(f"the adjacency has shape {A.shape}; it must be square (n_spots, n_spots).")
         A = A.maximum(A.T)                               # triu(k=1) below drops the diagonal
     else:
-        A = knn_adjacency(data, n_neighbors)
+        A = knn_adjacency(data, n_neighbors, weighting)
     A = sp.triu(A, k=1).tocoo()
     g = ig.Graph(n=A.shape[0], edges=np.column_stack([A.row, A.col]).tolist(), directed=False)
     g.es["weight"] = A.data.tolist()
     return g
 
 
-@contextmanager
-def _igraph_seed(seed: int):
-    """Give igraph its own seeded generator, then restore its default (Python's ``random`` module)."""
-    ig.set_random_number_generator(random.Random(seed))
-    try:
-        yield
-    finally:
-        ig.set_random_number_generator(random)
-
-
 def _partition(g: ig.Graph, method: str, resolution: float, seed: int) -> np.ndarray:
+    partition = leidenalg.RBConfigurationVertexPartition(g, weights="weight", resolution_parameter=resolution)
+    optimiser = leidenalg.Optimiser()
+    optimiser.set_rng_seed(seed)
     if method == "leiden":
-        part = leidenalg.find_partition(g, leidenalg.RBConfigurationVertexPartition, weights="weight",
-                                        resolution_parameter=resolution, n_iterations=2, seed=seed)
-        return _by_size(part.membership)
-    if method == "louvain":
-        with _igraph_seed(seed):
-            return _by_size(g.community_multilevel(weights="weight", resolution=resolution).membership)
-    raise ValueError(f"method={method!r}; graph clustering is 'leiden' or 'louvain'.")
+        optimiser.optimise_partition(partition, n_iterations=2)
+    elif method == "louvain":  # local moving, then aggregation, until no move helps (the louvain package / scanpy)
+        coarse = partition.aggregate_partition()
+        while optimiser.move_nodes(coarse) > 0:
+            partition.from_coarse_partition(coarse)
+            coarse = coarse.aggregate_partition()
+    else:
+        raise ValueError(f"method={method!r}; graph clustering is 'leiden' or 'louvain'.")
+    return _by_size(partition.membership)
 
 
 def leiden(data, resolution: float = 1.0, seed: int = 0, n_neighbors: int = 15) -> np.ndarray:
@@ -144,7 +173,9 @@ def leiden(data, resolution: float = 1.0, seed: int = 0, n_neighbors: int = 15) 
 
 
 def louvain(data, resolution: float = 1.0, seed: int = 0, n_neighbors: int = 15) -> np.ndarray:
-    """Louvain communities (igraph's ``community_multilevel`` with a resolution); arguments as :func:`leiden`."""
+    """Louvain communities: local moving of nodes, then aggregation, repeated until no move improves the
+    modularity (the algorithm of the ``louvain`` package behind ``scanpy.tl.louvain``, run with ``leidenalg``'s
+    optimiser); arguments as :func:`leiden`."""
     return _partition(_graph(data, n_neighbors), "louvain", resolution, seed)
 
 

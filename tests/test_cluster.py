@@ -58,11 +58,15 @@ def test_labels_ordered_by_size():
 
 def test_knn_adjacency_is_symmetric_binary_without_loops():
     X, _ = separated_blobs(n=100)
-    A = C.knn_adjacency(X, n_neighbors=6)
+    A = C.knn_adjacency(X, n_neighbors=6, weighting="binary")
     assert (A != A.T).nnz == 0
     assert A.diagonal().sum() == 0
     assert set(np.unique(A.data)) == {1.0}
     assert (np.asarray(A.sum(1)).ravel() >= 5).all()  # n_neighbors counts the spot itself
+    W = C.knn_adjacency(X, n_neighbors=6)  # UMAP weights on the same edges
+    assert ((W > 0) != (A > 0)).nnz == 0 and W.data.max() <= 1.0 + 1e-9
+    with pytest.raises(ValueError, match="weighting"):
+        C.knn_adjacency(X, weighting="gauss")
 
 
 def test_graph_clustering_on_a_sparse_adjacency():
@@ -177,3 +181,29 @@ def test_unknown_method_and_bad_shape():
         C.kmeans(np.ones(5), 2)
     with pytest.raises(ValueError, match="NaN"):
         C.leiden(np.full((10, 2), np.nan))
+
+
+def test_umap_connectivities_match_scanpy():
+    import anndata as ad
+    import scanpy as sc
+
+    X = np.random.default_rng(3).normal(size=(300, 8)).astype(np.float32)
+    ours = C.umap_connectivities(X, n_neighbors=10)
+    adata = ad.AnnData(X)
+    sc.pp.neighbors(adata, n_neighbors=10, use_rep="X")
+    theirs = adata.obsp["connectivities"]
+    assert (ours != ours.T).nnz == 0 and ours.diagonal().sum() == 0
+    np.testing.assert_allclose(ours.toarray(), theirs.toarray(), atol=2e-3)
+
+
+def test_louvain_modularity_at_least_multilevel():
+    """The Louvain optimiser reaches the modularity of igraph's multilevel implementation on a planted graph."""
+    import igraph as ig
+
+    X = np.concatenate([np.random.default_rng(0).normal(c, 0.3, size=(80, 2)) for c in (0, 3, 6)])
+    labels = C.louvain(X, resolution=1.0, seed=0)
+    A = C.knn_adjacency(X, 15)
+    g = ig.Graph.Weighted_Adjacency(A.toarray().tolist(), mode="undirected")
+    ours = g.modularity(labels, weights="weight")
+    theirs = g.modularity(g.community_multilevel(weights="weight").membership, weights="weight")
+    assert ours >= theirs - 1e-3
