@@ -8,7 +8,9 @@ and peak memory are measured per run, and writes ``<out>/<task>.csv`` (one row p
 task          protocol
 ============  ===========================================================================================
 domains       DLPFC 151673 and 151674, K = 7; ARI, NMI, homogeneity against the manual layers
-              (unlabelled spots excluded)
+              (unlabelled spots excluded), of the method's labels and of the same labels refined by a
+              6-nearest-spot majority vote (``*_refined``). ``synthetic_100k`` (``--datasets``): a
+              100,000-spot slide with planted domains and an H&E-like image, for time and memory at scale
 deconv        MERFISH hypothalamus cells summed on a 100 µm grid (known composition) + the Moffitt
               scRNA-seq reference; Li et al. 2022 deconvolution metrics, averaged over cell types
 impute        MERFISH hypothalamus + Moffitt reference, shared genes split in 5 folds, each fold hidden and
@@ -22,6 +24,8 @@ graphs        graph builders on 100,000 random spots: time and memory
 Peak memory is the peak resident set size of the run's process (``peak_rss_mb``, which includes about 0.5 GB of
 libraries) and its rise over the size after loading the data (``peak_delta_mb``, the method's own footprint).
 In FAST mode (``STCORE_FAST=1``) datasets are subsampled and one seed is used, to check that the benchmark runs.
+Method options (e.g. ``histology=False``) are passed with ``options``; each option set is its own row of the
+leaderboard, so a method can be compared with and without the image.
 """
 
 from __future__ import annotations
@@ -87,6 +91,9 @@ def load_task_data(task: str, dataset: str, fast: bool):
     from . import data
 
     if task == "domains":
+        if dataset == "synthetic_100k":
+            n = 10_000 if fast else 100_000
+            return data.synthetic.toy_domains(n_spots=n, n_genes=200, n_domains=7, seed=0), None, None
         adata = data.load(dataset)
         return (_crop(adata, 800) if fast else adata), None, None
     cells, reference = _merfish_pair(fast)
@@ -108,9 +115,14 @@ def load_task_data(task: str, dataset: str, fast: bool):
 
 
 def _score_domains(result, method_name):
+    from .cluster import refine
     from .metrics import domain_scores
 
-    return domain_scores(result.obs["layer"], result.obs[f"domain_{method_name}"])
+    truth_key = "layer" if "layer" in result.obs else "domain"
+    labels = np.asarray(result.obs[f"domain_{method_name}"])
+    refined = refine(labels, coords=np.asarray(result.obsm["spatial"], dtype=float), k=6)
+    raw = domain_scores(result.obs[truth_key], labels)
+    return {**raw, **{f"{k}_refined": v for k, v in domain_scores(result.obs[truth_key], refined).items()}}
 
 
 def _score_deconv(result, method_name, truth):
@@ -184,6 +196,7 @@ def run_one(task: str, method: str, dataset: str, seed: int, options: dict | Non
 
     cls = get_method(method)
     params = method_options(cls)
+    options = {k: v for k, v in options.items() if k in params}  # e.g. histology=False skips the baselines
     if "seed" in params:
         options.setdefault("seed", seed)
     if task == "domains" and "n_domains" in params:
@@ -220,9 +233,13 @@ def _spawn(task, method, dataset, seed, options) -> dict:
 
 
 def run(task: str, *, methods: list[str] | None = None, seeds: list[int] | None = None,
-        datasets: list[str] | None = None, options: dict | None = None, out_dir: str | Path | None = "results",
-        progress: bool = True) -> pd.DataFrame:
-    """Benchmark ``methods`` (default: all registered for ``task``) and write the leaderboard to ``out_dir``."""
+        datasets: list[str] | None = None, options: dict | list[dict] | None = None,
+        out_dir: str | Path | None = "results", progress: bool = True) -> pd.DataFrame:
+    """Benchmark ``methods`` (default: all registered for ``task``) and write the leaderboard to ``out_dir``.
+
+    ``options`` is one dict of method options or a list of them (one leaderboard row per method and option set,
+    e.g. ``[{}, {"histology": False}]``); a method receives only the options its constructor takes.
+    """
     from tqdm.auto import tqdm
 
     cfg = config.get()
@@ -237,8 +254,9 @@ def run(task: str, *, methods: list[str] | None = None, seeds: list[int] | None 
             methods = available(task)["method"].tolist()
     seeds = seeds if seeds is not None else cfg.pick([0, 1, 2], [0])
     datasets = datasets or TASK_DATASETS[task]
-    jobs = [(m, d, s) for m in methods for d in datasets for s in seeds]
-    rows = [_spawn(task, m, d, s, options or {}) for m, d, s in tqdm(jobs, desc=f"bench {task}", disable=not progress)]
+    variants = options if isinstance(options, list) else [options or {}]
+    jobs = [(m, d, s, o) for m in methods for o in variants for d in datasets for s in seeds]
+    rows = [_spawn(task, m, d, s, o) for m, d, s, o in tqdm(jobs, desc=f"bench {task}", disable=not progress)]
     table = pd.DataFrame(rows)
     if out_dir is not None:
         out = Path(out_dir)
@@ -248,12 +266,20 @@ def run(task: str, *, methods: list[str] | None = None, seeds: list[int] | None 
     return table
 
 
+def _group_keys(table: pd.DataFrame) -> list[str]:
+    """Rows are grouped per method and dataset, and per option set when several were run."""
+    keys = ["method", "dataset"]
+    if "options" in table and table["options"].fillna("{}").nunique() > 1:
+        keys.append("options")
+    return keys
+
+
 def summarise(table: pd.DataFrame) -> pd.DataFrame:
-    """Mean and standard deviation over seeds of every numeric column, per method and dataset."""
+    """Mean and standard deviation over seeds of every numeric column, per method, dataset (and option set)."""
     if "error" in table and table["error"].notna().any():
         table = table[table["error"].isna()]
     numeric = [c for c in table.columns if c not in ("seed",) and pd.api.types.is_numeric_dtype(table[c])]
-    grouped = table.groupby(["method", "dataset"], sort=False)[numeric]
+    grouped = table.groupby(_group_keys(table), sort=False)[numeric]
     return grouped.mean().join(grouped.std(ddof=0), rsuffix="_sd")
 
 
@@ -268,13 +294,14 @@ def format_table(table: pd.DataFrame) -> str:
     ok = table.drop(failed.index)
     if len(ok):
         numeric = [c for c in ok.columns if c not in ("seed",) and pd.api.types.is_numeric_dtype(ok[c])]
-        g = ok.groupby(["method", "dataset"], sort=False)[numeric]
+        keys = _group_keys(ok)
+        g = ok.groupby(keys, sort=False)[numeric]
         mean, sd, n = g.mean(), g.std(ddof=0).fillna(0), g.size()
-        header = ["method", "dataset", "seeds"] + numeric
+        header = keys + ["seeds"] + numeric
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for key in mean.index:
             cells = [_fmt(mean.loc[key, c]) + (f" ± {sd.loc[key, c]:.2g}" if n[key] > 1 else "") for c in numeric]
-            lines.append("| " + " | ".join([key[0], key[1], str(n[key])] + cells) + " |")
+            lines.append("| " + " | ".join([str(k) for k in key] + [str(n[key])] + cells) + " |")
     for _, row in failed.iterrows():
         lines.append(f"\nFAILED {row['method']} on {row['dataset']} (seed {row['seed']}): {row['error']}")
     return "\n".join(lines)

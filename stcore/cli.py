@@ -5,7 +5,7 @@
     stcore list [--task TASK]                       every registered method, by task
     stcore show METHOD                              a method's description and options
     stcore run METHOD INPUT.h5ad -o OUTPUT.h5ad [--reference REF.h5ad] [--option VALUE ...]
-    stcore bench TASK [--methods a,b] [--seeds 0,1,2] [--out DIR]
+    stcore bench TASK [--methods a,b] [--seeds 0,1,2] [--datasets d1,d2] [--options K=V,...] [--out DIR]
     stcore datasets                                 the datasets shipped in data/
 
 Method options are the keyword arguments of the method's class, spelled with dashes:
@@ -137,12 +137,36 @@ def _cmd_run(args, extra: list[str]) -> int:
     return 0
 
 
+def _parse_options(text: str) -> dict:
+    """``"histology=false,b=49"`` -> ``{"histology": False, "b": 49}``."""
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        if "=" not in item:
+            raise ValueError(f"--options {text!r}: write each option as key=value, separated by commas.")
+        key, value = item.split("=", 1)
+        low = value.strip().lower()
+        if low in ("true", "false"):
+            out[key.strip()] = low == "true"
+            continue
+        for cast in (int, float):
+            try:
+                out[key.strip()] = cast(value)
+                break
+            except ValueError:
+                pass
+        else:
+            out[key.strip()] = value
+    return out
+
+
 def _cmd_bench(args) -> int:
     from . import bench
 
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     methods = args.methods.split(",") if args.methods else None
-    table = bench.run(args.task, methods=methods, seeds=seeds, out_dir=args.out)
+    datasets = args.datasets.split(",") if args.datasets else None
+    variants = [_parse_options(o) for o in args.options] if args.options else None
+    table = bench.run(args.task, methods=methods, seeds=seeds, datasets=datasets, options=variants, out_dir=args.out)
     print(bench.format_table(table))
     return 0
 
@@ -171,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("task")
     p.add_argument("--methods", default=None, help="comma-separated subset")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default: 0,1,2; 0 in FAST mode)")
+    p.add_argument("--datasets", default=None, help="comma-separated datasets (default: the task's)")
+    p.add_argument("--options", action="append", default=None, metavar="K=V,...",
+                   help="method options, e.g. histology=false; repeat for several variants ('' = defaults)")
     p.add_argument("--out", default="results", help="folder for the leaderboard files")
     sub.add_parser("datasets", help="list the shipped datasets")
 

@@ -640,6 +640,7 @@ def slide_tile_features(
     encoder: nn.Module | None = None,
     library_id: str | None = None,
     min_px: int = 16,
+    max_train_tiles: int = 10_000,
     progress: bool = True,
 ) -> np.ndarray:
     """One feature vector per spot from its H&E tile: the tile CNN shared by SpaCell, stLearn and DeepST.
@@ -651,7 +652,9 @@ def slide_tile_features(
 
     Tiles come from ``obsm["tiles"]`` when present (already cut from the full-resolution image), else from the
     best image in ``uns["spatial"]``: a square of ``tile_fullres`` full-resolution pixels around each spot, but at
-    least ``min_px`` image pixels (on a low-resolution image a spot covers only a few pixels).
+    least ``min_px`` image pixels (on a low-resolution image a spot covers only a few pixels). On large slides the
+    encoder is trained on a random ``max_train_tiles`` of the tiles and then encodes all of them, so the cost of
+    training does not grow with the number of spots.
 
     Returns
     -------
@@ -671,5 +674,9 @@ def slide_tile_features(
         if weights is not None:
             encoder = TileCNN(n_latent=n_latent).load_pretrained(weights)
         else:
-            encoder, _ = train_tile_encoder(tiles, n_latent=n_latent, epochs=epochs, seed=seed, progress=progress)
+            train = tiles
+            if len(tiles) > max_train_tiles:
+                pick = np.random.default_rng(seed).choice(len(tiles), int(max_train_tiles), replace=False)
+                train = tiles[np.sort(pick)]
+            encoder, _ = train_tile_encoder(train, n_latent=n_latent, epochs=epochs, seed=seed, progress=progress)
     return encode_tiles(encoder, tiles)

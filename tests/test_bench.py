@@ -18,9 +18,23 @@ def test_domain_leaderboard(tmp_path):
     row = table.iloc[0]
     assert row["method"] == "gmm" and row["n_obs"] == 800  # FAST mode: a contiguous crop
     assert 0.05 < row["ARI"] <= 1 and 0 < row["NMI"] <= 1
+    assert 0.05 < row["ARI_refined"] <= 1 and row["ARI_refined"] != row["ARI"]  # the majority vote changed labels
     assert row["wall_s"] > 0 and row["peak_rss_mb"] > 100 and row["peak_delta_mb"] >= 0
     assert (tmp_path / "domains.csv").exists()
     assert "| gmm | dlpfc_151673 | 1 |" in (tmp_path / "domains.md").read_text()
+
+
+def test_option_variants_are_separate_rows():
+    table = bench.run("domains", methods=["spagcn", "gmm"], seeds=[0], datasets=["dlpfc_151673"],
+                      options=[{}, {"histology": False, "epochs": 5}], out_dir=None, progress=False)
+    assert "error" not in table or table["error"].isna().all()
+    assert len(table) == 4
+    gmm_options = set(table.loc[table["method"] == "gmm", "options"])
+    assert len(gmm_options) == 1 and "histology" not in gmm_options.pop()  # options a method lacks are dropped
+    spagcn_options = table.loc[table["method"] == "spagcn", "options"].tolist()
+    assert '"histology": false' in spagcn_options[1] and '"histology"' not in spagcn_options[0]
+    summary = bench.summarise(table)
+    assert summary.index.names == ["method", "dataset", "options"] and len(summary) == 3
 
 
 def test_graph_builders_are_timed(tmp_path):

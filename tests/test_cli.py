@@ -108,3 +108,13 @@ def test_console_script():
     assert script.exists(), "the stcore console script is installed with the package (pip install -e .)"
     proc = subprocess.run([str(script), "list", "--task", "domains"], capture_output=True, text=True)
     assert proc.returncode == 0 and "leiden" in proc.stdout and "nnls" not in proc.stdout
+
+
+def test_bench_options_are_parsed():
+    from stcore.cli import _parse_options
+
+    assert _parse_options("histology=false,b=49,lr=0.05,name=x") == {"histology": False, "b": 49, "lr": 0.05,
+                                                                      "name": "x"}
+    assert _parse_options("") == {}
+    with pytest.raises(ValueError, match="key=value"):
+        _parse_options("histology")

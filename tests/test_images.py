@@ -265,7 +265,8 @@ def test_slide_tile_features_trains_or_loads(tmp_path):
     from stcore.nn import TileCNN
 
     adata = synthetic.toy_domains(n_spots=60, n_genes=20, n_domains=2, seed=0)
-    feats = images.slide_tile_features(adata, tile_fullres=100, n_latent=8, epochs=1, progress=False)
+    feats = images.slide_tile_features(adata, tile_fullres=100, n_latent=8, epochs=1, progress=False,
+                                       max_train_tiles=40)
     assert feats.shape == (60, 8) and feats.dtype == np.float32 and np.isfinite(feats).all()
     model = TileCNN(n_latent=8)
     torch.save(model.state_dict(), tmp_path / "w.pt")
