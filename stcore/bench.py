@@ -70,15 +70,6 @@ def _subsample(adata, n: int, seed: int = 0):
     return adata[keep].copy()
 
 
-def _crop(adata, n: int):
-    """The ``n`` spots nearest the tissue's centre: a contiguous patch, so spatial structure survives."""
-    if adata.n_obs <= n:
-        return adata
-    xy = np.asarray(adata.obsm["spatial"], dtype=float)
-    order = np.argsort(((xy - np.median(xy, 0)) ** 2).sum(1))
-    return adata[np.sort(order[:n])].copy()
-
-
 def _merfish_pair(fast: bool):
     from .data import merfish_moffitt_pair
 
@@ -95,7 +86,7 @@ def load_task_data(task: str, dataset: str, fast: bool):
             n = 10_000 if fast else 100_000
             return data.synthetic.toy_domains(n_spots=n, n_genes=200, n_domains=7, seed=0), None, None
         adata = data.load(dataset)
-        return (_crop(adata, 800) if fast else adata), None, None
+        return (data.central_patch(adata, 800) if fast else adata), None, None
     cells, reference = _merfish_pair(fast)
     if task == "deconv":
         spots = data.synthetic.grid_spots(cells, spot_size=100.0, cell_type_key="cell_type")

@@ -311,3 +311,16 @@ def test_merfish_vignette():
     adata = _load("merfish_vignette")
     assert adata.shape == (750, 134)
     assert list(adata.var_names) == list(_load("moffitt_scrna").var_names)
+
+
+def test_central_patch_is_contiguous():
+    from stcore.data import central_patch, synthetic
+
+    adata = synthetic.toy_domains(n_spots=400, n_genes=10, n_domains=2, image=False, seed=0)
+    patch = central_patch(adata, 100)
+    xy = patch.obsm["spatial"]
+    centre = np.median(adata.obsm["spatial"], 0)
+    radius = np.sqrt(((xy - centre) ** 2).sum(1)).max()
+    outside = np.sqrt(((adata.obsm["spatial"] - centre) ** 2).sum(1)) > radius
+    assert patch.n_obs == 100 and outside.sum() == 300
+    assert central_patch(adata, 1000) is adata

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import importlib
 
-from .loaders import fetch_upstream, info, list_datasets, load, names, upstream_files
+from .loaders import central_patch, fetch_upstream, info, list_datasets, load, names, upstream_files
 from .pairs import merfish_moffitt_pair
 
-__all__ = ["fetch_upstream", "info", "list_datasets", "load", "merfish_moffitt_pair", "names", "upstream_files"]
+__all__ = ["central_patch", "fetch_upstream", "info", "list_datasets", "load", "merfish_moffitt_pair", "names", "upstream_files"]
 
 
 def __getattr__(attr: str):

@@ -197,3 +197,13 @@ def fetch_upstream(name: str, dest: str | Path | None = None, progressbar: bool 
         pooch.retrieve(f["url"], known_hash=known, fname=target.name, path=target.parent,
                        progressbar=progressbar)
     return dest
+
+
+def central_patch(adata, n: int):
+    """The ``n`` spots nearest the tissue's centre (median position): a contiguous patch, so spatial structure
+    survives where a random subsample would thin it out. Used to shrink a slide in FAST mode."""
+    if adata.n_obs <= n:
+        return adata
+    xy = np.asarray(adata.obsm["spatial"], dtype=float)
+    order = np.argsort(((xy - np.median(xy, 0)) ** 2).sum(1))
+    return adata[np.sort(order[:n])].copy()

@@ -61,7 +61,7 @@ def spagcn_expression(adata, n_pcs: int = 50, seed: int = 0) -> np.ndarray:
     special = symbols.str.upper().str.startswith(("MT-", "ERCC")) | adata.var_names.str.upper().str.startswith(
         ("MT-", "ERCC"))
     kept = adata[:, detected & ~np.asarray(special)]
-    return preprocess.pca(preprocess.log_normalize(kept, target_sum=None).X, n_pcs, seed=seed)
+    return np.ascontiguousarray(preprocess.pca(preprocess.log_normalize(kept, target_sum=None).X, n_pcs, seed=seed))
 
 
 class SpaGCNModel(nn.Module):
@@ -199,7 +199,7 @@ class SpaGCN(Method):
     def run(self, adata, reference=None):
         if self.n_domains is not None:
             check_n_clusters(self.n_domains, adata.n_obs)
-        x = torch.as_tensor(np.ascontiguousarray(spagcn_expression(adata, self.n_pcs, seed=0)), dtype=torch.float32)
+        x = torch.as_tensor(spagcn_expression(adata, self.n_pcs, seed=0), dtype=torch.float32)
         w, self.l_ = self.adjacency(self.graph_points(adata))
         model = SpaGCNModel(x.shape[1], x.shape[1], w, alpha=self.alpha)
         self.resolution_ = self.resolution if self.resolution is not None else self.search_resolution(model, x)
