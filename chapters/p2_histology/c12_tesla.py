@@ -259,8 +259,7 @@ her2.obs.groupby("paper_cluster", observed=True)[["tumour fraction", "ERBB2 log1
 # %%
 dlpfc = stcore.data.load("dlpfc_151673")
 if cfg.fast:  # the 800 spots nearest the centre: a contiguous patch
-    centre = np.median(dlpfc.obsm["spatial"], 0)
-    dlpfc = dlpfc[np.sort(np.argsort(((dlpfc.obsm["spatial"] - centre) ** 2).sum(1))[:800])].copy()
+    dlpfc = stcore.data.central_patch(dlpfc, 800)
 dlpfc
 
 # %%
