@@ -6,7 +6,7 @@ JOBS    ?= 2
 CHAPTERS := $(sort $(wildcard chapters/*/c*.py))
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: setup test test-unit test-chapters test-book book bench student lock clean
+.PHONY: setup test test-unit test-chapters test-book book bench bench-histology student lock clean
 
 setup: ## virtual environment with CPU PyTorch, stcore and the test + book tools
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,16 @@ book: ## every chapter at full budget, rendered to book/_build/html
 
 bench: ## leaderboards of every task into results/
 	for t in graphs domains deconv impute locate; do $(BIN)/stcore bench $$t --out results || exit 1; done
+
+HISTOLOGY := leiden,gmm,spacell,stlearn,spagcn,deepst,tesla
+bench-histology: ## the ST + histology comparison (book/results/), with and without the image; about 2 h
+	OMP_NUM_THREADS=1 $(BIN)/stcore bench domains --methods $(HISTOLOGY) --seeds 0,1,2 \
+		--options "" --options histology=false --out results/histology
+	OMP_NUM_THREADS=1 $(BIN)/stcore bench domains --methods $(HISTOLOGY) --datasets synthetic_100k --seeds 0 \
+		--out results/histology_100k
+	mkdir -p book/results
+	cp results/histology/domains.csv book/results/histology_domains.csv
+	cp results/histology_100k/domains.csv book/results/histology_100k.csv
 
 student: ## workshop copies of the chapters, solutions removed, in build/student/
 	$(BIN)/python tools/make_student.py build/student

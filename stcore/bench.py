@@ -246,7 +246,8 @@ def run(task: str, *, methods: list[str] | None = None, seeds: list[int] | None 
     seeds = seeds if seeds is not None else cfg.pick([0, 1, 2], [0])
     datasets = datasets or TASK_DATASETS[task]
     variants = options if isinstance(options, list) else [options or {}]
-    jobs = [(m, d, s, o) for m in methods for o in variants for d in datasets for s in seeds]
+    jobs = [(m, d, s, o) for m in methods for o in _distinct_options(task, m, variants) for d in datasets
+            for s in seeds]
     rows = [_spawn(task, m, d, s, o) for m, d, s, o in tqdm(jobs, desc=f"bench {task}", disable=not progress)]
     table = pd.DataFrame(rows)
     if out_dir is not None:
@@ -255,6 +256,22 @@ def run(task: str, *, methods: list[str] | None = None, seeds: list[int] | None 
         table.to_csv(out / f"{task}.csv", index=False)
         (out / f"{task}.md").write_text(format_table(table) + "\n")
     return table
+
+
+def _distinct_options(task: str, method: str, variants: list[dict]) -> list[dict]:
+    """The option sets that differ for ``method`` once the options it does not take are dropped."""
+    if task == "graphs":
+        return variants[:1]
+    from .methods import get_method, method_options
+
+    params = method_options(get_method(method))
+    seen, out = set(), []
+    for options in variants:
+        key = json.dumps({k: v for k, v in options.items() if k in params}, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            out.append(options)
+    return out
 
 
 def _group_keys(table: pd.DataFrame) -> list[str]:

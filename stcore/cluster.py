@@ -23,8 +23,8 @@ from sklearn.mixture import GaussianMixture
 
 from .graphs import feature_knn_graph, knn_indices, to_scipy
 
-__all__ = ["cluster", "gmm", "kmeans", "knn_adjacency", "leiden", "louvain", "refine", "search_resolution",
-           "umap_connectivities"]
+__all__ = ["cluster", "communities", "community_graph", "gmm", "kmeans", "knn_adjacency", "leiden", "louvain",
+           "refine", "search_resolution", "umap_connectivities"]
 
 METHODS = ("gmm", "kmeans", "leiden", "louvain")
 
@@ -116,8 +116,9 @@ def umap_connectivities(X, n_neighbors: int = 15) -> sp.csr_matrix:
     return (a + a.T - a.multiply(a.T)).tocsr()
 
 
-def _graph(data, n_neighbors: int, weighting: str = "umap") -> ig.Graph:
-    """igraph Graph (undirected, weighted) from an embedding or a sparse adjacency."""
+def community_graph(data, n_neighbors: int = 15, weighting: str = "umap") -> ig.Graph:
+    """igraph Graph (undirected, weighted) from an embedding (:func:`knn_adjacency`) or a sparse adjacency; build
+    it once and pass it to :func:`communities` to try many resolutions."""
     if sp.issparse(data):
         A = sp.csr_matrix(data, dtype=float)
         if A.shape[0] != A.shape[1]:
@@ -131,7 +132,8 @@ def _graph(data, n_neighbors: int, weighting: str = "umap") -> ig.Graph:
     return g
 
 
-def _partition(g: ig.Graph, method: str, resolution: float, seed: int) -> np.ndarray:
+def communities(g: ig.Graph, method: str = "leiden", resolution: float = 1.0, seed: int = 0) -> np.ndarray:
+    """Leiden or Louvain communities of a :func:`community_graph` (labels by decreasing size)."""
     partition = leidenalg.RBConfigurationVertexPartition(g, weights="weight", resolution_parameter=resolution)
     optimiser = leidenalg.Optimiser()
     optimiser.set_rng_seed(seed)
@@ -169,14 +171,14 @@ def leiden(data, resolution: float = 1.0, seed: int = 0, n_neighbors: int = 15) 
     -------
     labels : int array (n,), 0 = the largest cluster.
     """
-    return _partition(_graph(data, n_neighbors), "leiden", resolution, seed)
+    return communities(community_graph(data, n_neighbors), "leiden", resolution, seed)
 
 
 def louvain(data, resolution: float = 1.0, seed: int = 0, n_neighbors: int = 15) -> np.ndarray:
     """Louvain communities: local moving of nodes, then aggregation, repeated until no move improves the
     modularity (the algorithm of the ``louvain`` package behind ``scanpy.tl.louvain``, run with ``leidenalg``'s
     optimiser); arguments as :func:`leiden`."""
-    return _partition(_graph(data, n_neighbors), "louvain", resolution, seed)
+    return communities(community_graph(data, n_neighbors), "louvain", resolution, seed)
 
 
 def search_resolution(data, n_clusters: int, method: str = "leiden", seed: int = 0, lo: float = 0.01,
@@ -196,14 +198,14 @@ def search_resolution(data, n_clusters: int, method: str = "leiden", seed: int =
     ValueError
         If no resolution in [lo, hi] gives exactly K (the message says what was found and what to try).
     """
-    g = _graph(data, n_neighbors)
+    g = community_graph(data, n_neighbors)
     _check_k(n_clusters, g.vcount())
     if not 0 < lo < hi:
         raise ValueError(f"lo={lo}, hi={hi}; the resolution range needs 0 < lo < hi.")
     found = {}
 
     def count(res):
-        labels = _partition(g, method, res, seed)
+        labels = communities(g, method, res, seed)
         found[res] = labels.max() + 1
         return labels, found[res]
 

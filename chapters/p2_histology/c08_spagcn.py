@@ -102,7 +102,7 @@ cfg
 # %% [markdown]
 # ## The data
 #
-# DLPFC slide 151673 {cite:p}`maynard2021dlpfc`: Visium counts of the 5,000 most variable genes, spot positions in
+# DLPFC slide 151673 {cite:p}`maynard2021`: Visium counts of the 5,000 most variable genes, spot positions in
 # full-resolution pixels, manual layers in `obs["layer"]` (L1–L6, WM; NaN = unlabelled) and the 600 × 600
 # low-resolution H&E. In FAST mode we keep the 800 spots nearest the centre of the tissue.
 
