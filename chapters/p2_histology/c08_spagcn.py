@@ -69,7 +69,7 @@ cfg
 # ## The model
 #
 # **Histology coordinate.** The mean colour $(c_{i1}, c_{i2}, c_{i3})$ of a $b \times b$ pixel window around spot
-# $i$ ($b = 49$) is collapsed into one number weighted by each channel's variance, z-scored, and scaled by
+# $i$ ($b = 49$ image pixels) is collapsed into one number weighted by each channel's variance, z-scored, and scaled by
 # $s \cdot \max(\operatorname{sd}(x), \operatorname{sd}(y))$ ($s = 1$), so that one standard deviation of colour
 # counts as much as the spatial spread of the slide: $z_i$.
 #
@@ -129,8 +129,9 @@ x.shape
 # ### 2. The histology coordinate
 #
 # `images.colour_coordinate` averages the colour in a $b \times b$ window with a summed-area table, so its cost does
-# not depend on $b$. The official tutorial's $b = 49$ is meant in full-resolution pixels; on the low-resolution
-# image it covers about 2 pixels.
+# not depend on $b$. As in the official code, $b = 49$ counts pixels of the image SpaGCN is given: on a
+# full-resolution scan that is half a spot, on this 600-pixel image a window about 11 spots wide, so $z$ is a
+# smooth, regional colour.
 
 # %%
 method = spagcn.SpaGCN(n_domains=7, seed=cfg.seed)
@@ -248,7 +249,12 @@ print(f"Best here: {best} (ARI {scores.loc[best, 'ARI']:.3f}); histology changed
 # official SpaGCN 1.2.7 run on this machine on the same data (K = 7, its tutorial defaults, seeds 100, 1 and 2)
 # reached ARI 0.38–0.48 before and 0.41–0.53 after refinement with histology, 0.43–0.52 and 0.45–0.55 without,
 # in 25–110 s per run; the paper reports 0.419 on 151673. Our implementation, with seeds 100, 1 and 2 and no
-# histology, reached 0.473, 0.475 and 0.473 (0.503, 0.501 and 0.494 refined), in under 30 s per run.
+# histology, reached 0.473, 0.475 and 0.473 (0.503, 0.501 and 0.494 refined), in under 30 s per run. With
+# histology the comparison depends on how the low-resolution image is fed in: given the same inputs (spot
+# positions scaled to the 600-pixel image and a 49-pixel colour window on it, our default), the official package
+# reached 0.358, 0.412 and 0.452 for seeds 100, 1 and 2, and ours 0.350, 0.437 and
+# 0.433: the same mean, 0.407. A seed does not give the same partition in both, because the Louvain
+# implementations visit nodes in different random orders.
 #
 # **Why so fast?** The official code spends its time on the dense $N \times N$ distance and kernel matrices and on
 # scanpy's neighbour search; here the kernel is a sparse edge list and every trial of the resolution search reuses

@@ -8,7 +8,7 @@ Pipeline (integration strategy: *graph* — histology enters as edge weights):
 
 1. Expression: drop genes seen in fewer than 3 spots and ``MT-``/``ERCC`` genes, normalise each spot to the median
    library size, ``log1p``, PCA to 50 components: :math:`X \\in \\mathbb{R}^{N \\times 50}`.
-2. Histology: the mean colour of a :math:`b \\times b` window (b = 49 full-resolution pixels) around each spot,
+2. Histology: the mean colour of a :math:`b \\times b` window (b = 49 pixels of the image used) around each spot,
    collapsed to one value and scaled by ``s`` into a third coordinate :math:`z_i`
    (:func:`stcore.images.colour_coordinate`).
 3. Graph: :math:`w_{ij} = \\exp(-d_{ij}^2 / 2l^2)` with :math:`d_{ij}` the distance in :math:`(x, y, z)`,
@@ -33,9 +33,9 @@ Deliberate deviations from the official code
   used in an earlier version, lost about 0.05 ARI on DLPFC 151673.
 * **DEC kernel.** The official code raises the Student-t kernel to the power :math:`\\alpha + 1` (standard DEC
   uses :math:`(\\alpha + 1)/2`); this is kept, since it changes the clustering.
-* The full-resolution image is rarely available; any image in ``uns["spatial"]`` is used with its scale factor
-  (the window ``b`` is in full-resolution pixels and shrinks accordingly, as the official code does when given a
-  low-resolution image).
+* The full-resolution image is rarely available; the best image in ``uns["spatial"]`` is used with its scale
+  factor. As in the official code, which reads ``b`` in the pixels of whatever image it is given, the window is
+  ``b`` pixels *of that image*: on DLPFC's 600-pixel low-resolution image, 49 pixels span about 11 spots.
 """
 
 from __future__ import annotations
@@ -110,8 +110,9 @@ class SpaGCNModel(nn.Module):
 class SpaGCN(Method):
     """SpaGCN (Hu et al. 2021): graph convolution on a histology-weighted spatial graph + DEC clustering.
 
-    Options follow the official tutorial: ``s`` (histology scale, α in the paper), ``b`` (colour window, px),
-    ``p`` (neighbour contribution), ``lr``, ``epochs``, ``tol``, ``seed`` (100 in the tutorial). With
+    Options follow the official tutorial: ``s`` (histology scale, α in the paper), ``b`` (colour window, in pixels
+    of the image used), ``p`` (neighbour contribution), ``lr``, ``epochs``, ``tol``, ``seed`` (100 in the
+    tutorial). With
     ``histology=False`` the graph uses the spot positions only. ``resolution`` skips the resolution search.
     """
 
@@ -143,7 +144,7 @@ class SpaGCN(Method):
         if not self.histology:
             return xy
         image, scale = images.image_and_scale(adata, self.library_id, resolution=None)
-        z = images.colour_coordinate(image, xy, scale, beta=self.b, alpha=self.s)
+        z = images.colour_coordinate(image, xy, scale, beta=self.b / scale, alpha=self.s)  # b image pixels
         return np.column_stack([xy, z])
 
     def adjacency(self, points: np.ndarray) -> tuple[torch.Tensor, float]:
