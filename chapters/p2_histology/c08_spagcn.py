@@ -253,8 +253,10 @@ print(f"Best here: {best} (ARI {scores.loc[best, 'ARI']:.3f}); histology changed
 # histology the comparison depends on how the low-resolution image is fed in: given the same inputs (spot
 # positions scaled to the 600-pixel image and a 49-pixel colour window on it, our default), the official package
 # reached 0.358, 0.412 and 0.452 for seeds 100, 1 and 2, and ours 0.350, 0.437 and
-# 0.433: the same mean, 0.407. A seed does not give the same partition in both, because the Louvain
-# implementations visit nodes in different random orders.
+# 0.433: the same mean, 0.407 (on 151674, seed 0: 0.280 official, 0.292 ours). A seed does not give the same
+# partition in both, because the Louvain implementations visit nodes in different random orders. The official
+# figures above with histology (0.38–0.48) came from another way of feeding the image, which we could not
+# reconstruct; the spread between seeds is as large as the gap.
 #
 # **Why so fast?** The official code spends its time on the dense $N \times N$ distance and kernel matrices and on
 # scanpy's neighbour search; here the kernel is a sparse edge list and every trial of the resolution search reuses
