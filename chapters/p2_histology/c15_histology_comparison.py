@@ -198,8 +198,10 @@ print(f"Across {len(effect)} method-slide pairs the image helped in {counts.get(
 # SpaCell without the image (their tile CNN trains on at most 10,000 tiles whatever the slide size, and encoding
 # grows linearly), SpaCell with 1 epoch instead of 100, DeepST with 20 + 10 epochs instead of 500 + 250 and one
 # epoch of tile-CNN training, TESLA without the image and with 100-pixel super-pixels. Their ARI therefore says nothing about accuracy; the time per epoch and the
-# memory are what they show. `peak_rss_mb` includes the simulated slide and its image (about 5 GB on their own);
-# `peak_delta_mb` is the rise above that, the method's own footprint.
+# memory are what they show. `peak_rss_mb` is the process's peak while the method runs (libraries and the loaded
+# slide included) and `peak_delta_mb` its rise above the size after loading, the method's own footprint. DeepST's
+# row was recorded before the benchmark reset the peak after loading, so its peak includes that of simulating the
+# slide (about 5.5 GB): an upper bound.
 
 # %%
 big = pd.read_csv(results / "histology_100k.csv")
