@@ -175,7 +175,7 @@ print(inspect.getsource(spagcn.SpaGCNModel.soft_assign))
 # Before training, the centroids are the means of a Louvain clustering of the *untrained* $H$ (random $\Theta$ but
 # the real graph, so it is already a smoothed expression). The Louvain resolution is searched, 20 epochs per trial,
 # until training ends with exactly $K$ clusters. `stcore.cluster.louvain` rebuilds what the official code calls:
-# scanpy's UMAP-weighted 10-nearest-neighbour graph ({func}`stcore.cluster.umap_connectivities`) and the Louvain
+# scanpy's UMAP-weighted 10-nearest-neighbour graph (`stcore.cluster.umap_connectivities`) and the Louvain
 # algorithm of the `louvain` package (local moving, then aggregation).
 
 # %%

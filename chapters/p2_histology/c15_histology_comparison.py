@@ -52,7 +52,7 @@ cfg
 # %% [markdown]
 # ## The protocol
 #
-# Every number below comes from `stcore bench domains` ({mod}`stcore.bench`), which runs each (method, slide,
+# Every number below comes from `stcore bench domains` (`stcore.bench`), which runs each (method, slide,
 # seed, option set) in a fresh process, times it and records its peak memory. The results in `book/results/` were
 # produced on a 2-core CPU machine with
 #
