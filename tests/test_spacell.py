@@ -10,21 +10,11 @@ from stcore import images, metrics
 from stcore.data import synthetic
 from stcore.methods import get_method
 from stcore.methods.spacell import SpaCell, SpaCellAE, SpaCellCombinedAE, spacell_expression
-from stcore.nn import TileCNN
 
 
 @pytest.fixture(scope="module")
 def slide():
     return synthetic.toy_domains(n_spots=400, n_genes=100, n_domains=4, marker_strength=1.0, seed=0)
-
-
-@pytest.fixture(scope="module")
-def tile_weights(tmp_path_factory):
-    """A fixed (untrained) TileCNN, so the tests skip the SimCLR training."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiles") / "tilecnn.pt"
-    torch.save(TileCNN(n_latent=64).state_dict(), path)
-    return str(path)
 
 
 def test_recovers_planted_domains(slide, tile_weights):

@@ -2,30 +2,27 @@
 
 import numpy as np
 import pytest
-import torch
 from scipy import sparse
 from sklearn.metrics import pairwise_distances
 
 from stcore import cluster, images, metrics
 from stcore.data import synthetic
 from stcore.methods import get_method
-from stcore.methods.stlearn import (STLearn, scaled_pca, sme_neighbours, sme_normalize, sme_top_weights, sme_unit,
-                                    sme_weights, stlearn_expression)
-from stcore.nn import TileCNN
+from stcore.methods.stlearn import (
+    STLearn,
+    scaled_pca,
+    sme_neighbours,
+    sme_normalize,
+    sme_top_weights,
+    sme_unit,
+    sme_weights,
+    stlearn_expression,
+)
 
 
 @pytest.fixture(scope="module")
 def slide():
     return synthetic.toy_domains(n_spots=700, n_genes=120, n_domains=4, marker_strength=0.4, seed=0)
-
-
-@pytest.fixture(scope="module")
-def tile_weights(tmp_path_factory):
-    """A fixed (untrained) TileCNN, so the tests skip the SimCLR training."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiles") / "tilecnn.pt"
-    torch.save(TileCNN(n_latent=64).state_dict(), path)
-    return str(path)
 
 
 def test_recovers_planted_domains(slide, tile_weights):
