@@ -35,14 +35,17 @@ bench: ## leaderboards of every task into results/
 	for t in graphs domains deconv impute locate; do $(BIN)/stcore bench $$t --out results || exit 1; done
 
 HISTOLOGY := leiden,gmm,spacell,stlearn,spagcn,deepst,tesla
-bench-histology: ## the ST + histology comparison (book/results/), with and without the image; about 2 h
+bench-histology: ## the ST + histology comparison (book/results/), with and without the image; about 3 h
 	OMP_NUM_THREADS=1 $(BIN)/stcore bench domains --methods $(HISTOLOGY) --seeds 0,1,2 \
 		--options "" --options histology=false --out results/histology
-	OMP_NUM_THREADS=1 $(BIN)/stcore bench domains --methods $(HISTOLOGY) --datasets synthetic_100k --seeds 0 \
-		--out results/histology_100k
+	for run in "spagcn:" "stlearn,spacell:histology=false,epochs=1" "stlearn:tile_epochs=1" \
+			"spacell:epochs=1,tile_epochs=1" "deepst:pre_epochs=20,epochs=10,tile_epochs=1" "tesla:histology=false,res=100"; do \
+		OMP_NUM_THREADS=1 $(BIN)/stcore bench domains --methods "$${run%%:*}" --datasets synthetic_100k --seeds 0 \
+			--options "$${run#*:}" --out "results/histology_100k/$${run%%:*}_$${run#*:}" || exit 1; done
 	mkdir -p book/results
 	cp results/histology/domains.csv book/results/histology_domains.csv
-	cp results/histology_100k/domains.csv book/results/histology_100k.csv
+	$(BIN)/python -c "import glob, pandas as pd; pd.concat(map(pd.read_csv, sorted(glob.glob( \
+		'results/histology_100k/*/domains.csv')))).to_csv('book/results/histology_100k.csv', index=False)"
 
 student: ## workshop copies of the chapters, solutions removed, in build/student/
 	$(BIN)/python tools/make_student.py build/student

@@ -24,7 +24,7 @@ HER2ST = {"A1": (346, 15045), "B1": (295, 15109), "C1": (176, 15557), "C2": (187
 HER2ST_LABELLED = ("A1", "B1", "C1", "D1", "E1", "F1", "G2", "H1")
 SPATIAL = ["dlpfc_151673", "dlpfc_151674", *(f"her2st_{s}" for s in HER2ST), "merfish_hypothalamus",
            "merfish_vignette"]
-ALL = sorted(SPATIAL + ["moffitt_scrna"])
+ALL = sorted(SPATIAL + ["moffitt_scrna", "starfysh_breast_signatures"])
 
 
 @pytest.fixture(autouse=True, scope="module")

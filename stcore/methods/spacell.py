@@ -28,7 +28,7 @@ Deliberate deviations from the official code
 ---------------------------------------------
 * **Tile CNN.** ImageNet ResNet-50 weights cannot be downloaded here, so the tile features come from
   :func:`stcore.images.slide_tile_features`: the course's TileCNN trained on the slide's own tiles with SimCLR
-  (``epochs_tiles``), or local weights (``tile_weights``). Its ``n_latent`` (64) replaces ResNet-50's 2048. The
+  (``tile_epochs``), or local weights (``tile_weights``). Its ``n_latent`` (64) replaces ResNet-50's 2048. The
   stain normalisation (Vahadane, staintools) is not applied.
 * **Gene selection.** The official ``-v`` option keeps the *first* 2048 genes with non-zero variance (in file
   order), although its help says "top variational"; here the 2048 most variable proportions are kept.
@@ -191,7 +191,7 @@ class SpaCell(Method):
     and concatenated; ``"combined"``: the combined autoencoder), ``loss`` (``"bce"``; or ``"mse"``), ``epochs``
     (100), ``batch_size`` (32), ``lr`` (Adam's 10⁻³), ``n_latent`` (20), ``n_genes`` (2048), ``pca`` / ``scale``
     (PCA, min-max), ``n_pcs`` (200; ``None`` = all, official), ``tile_fullres`` (299 full-resolution pixels). Tile CNN: ``tile_latent``,
-    ``epochs_tiles``, ``tile_weights``.
+    ``tile_epochs``, ``tile_weights``.
     """
 
     name = "spacell"
@@ -204,7 +204,7 @@ class SpaCell(Method):
                  loss: str = "bce", epochs: int = 100, batch_size: int = 32, lr: float = 1e-3, n_latent: int = 20,
                  n_genes: int | None = 2048, n_pcs: int | None = 200, pca: bool = True, scale: bool = True,
                  tile_fullres: float = 299,
-                 tile_latent: int = 64, epochs_tiles: int = 30, tile_weights: str | None = None,
+                 tile_latent: int = 64, tile_epochs: int = 30, tile_weights: str | None = None,
                  refine: bool = False, refine_k: int = 6, seed: int = 0, library_id: str | None = None,
                  progress: bool = True):
         if n_domains is None:
@@ -217,20 +217,20 @@ class SpaCell(Method):
         if loss == "bce" and not scale:
             raise ValueError("loss='bce' needs inputs in [0, 1]: keep scale=True, or use loss='mse'.")
         for key, value in dict(epochs=epochs, batch_size=batch_size, n_latent=n_latent, tile_latent=tile_latent,
-                               epochs_tiles=epochs_tiles).items():
+                               tile_epochs=tile_epochs).items():
             if int(value) != value or value < 1:
                 raise ValueError(f"{key}={value} must be a positive integer.")
         self.n_domains, self.histology, self.model, self.loss = n_domains, histology, model, loss
         self.epochs, self.batch_size, self.lr, self.n_latent = epochs, batch_size, lr, n_latent
         self.n_genes, self.n_pcs, self.pca, self.scale, self.tile_fullres = n_genes, n_pcs, pca, scale, tile_fullres
-        self.tile_latent, self.epochs_tiles, self.tile_weights = tile_latent, epochs_tiles, tile_weights
+        self.tile_latent, self.tile_epochs, self.tile_weights = tile_latent, tile_epochs, tile_weights
         self.refine, self.refine_k, self.seed, self.library_id = refine, refine_k, seed, library_id
         self.progress = progress
 
     def tile_features(self, adata) -> np.ndarray:
         """Step 2: (N, D) scaled tile features."""
         feats = images.slide_tile_features(adata, self.tile_fullres, n_latent=self.tile_latent,
-                                           epochs=self.epochs_tiles, seed=self.seed, weights=self.tile_weights,
+                                           epochs=self.tile_epochs, seed=self.seed, weights=self.tile_weights,
                                            library_id=self.library_id, progress=self.progress)
         return spacell_scale(feats, pca=self.pca, scale=self.scale, seed=self.seed)
 

@@ -54,7 +54,7 @@ Deliberate deviations from the official code
   ``"morphological_distance"``, ``"weights_matrix_gd_md"``) rank all N spots and are not offered.
 * **Tile CNN.** The official features come from an ImageNet ResNet-50 on tiles resized to 299 px; those weights
   cannot be downloaded here. :func:`stcore.images.slide_tile_features` trains the course's small TileCNN on the
-  slide's own tiles (SimCLR, ``epochs``) or loads local weights (``tile_weights``); its features then go through
+  slide's own tiles (SimCLR, ``tile_epochs``) or loads local weights (``tile_weights``); its features then go through
   the same PCA to 50 components.
 * **Ties.** With ``"physical_distance"`` all 18 neighbours weigh 1 and the official code keeps whichever six
   ``numpy.argsort`` happens to put last. Here ties are broken by distance (nearest first), so the six are the
@@ -259,7 +259,7 @@ class STLearn(Method):
     ``crop_size`` = 40 (high-resolution image pixels), ``n_pcs`` = 30 (clustering), ``clustering`` = ``"kmeans"``
     (or ``"louvain"``/``"leiden"``, resolution searched to ``n_domains``, or ``resolution`` when
     ``n_domains=None``), ``unit`` (``"official"`` lattice unit or ``"corrected"``). The tile CNN:
-    ``n_latent``, ``epochs`` (SimCLR on the slide), ``tile_weights`` (a local TileCNN state_dict instead).
+    ``tile_latent``, ``tile_epochs`` (SimCLR on the slide), ``tile_weights`` (a local TileCNN state_dict instead).
     """
 
     name = "stlearn"
@@ -271,7 +271,7 @@ class STLearn(Method):
     def __init__(self, n_domains: int | None = 7, *, histology: bool = True, weights: str = "weights_matrix_all",
                  platform: str = "Visium", n_pcs_expression: int = 15, n_morphology: int = 50,
                  crop_size: float = 40, n_pcs: int = 30, clustering: str = "kmeans",
-                 resolution: float = 1.0, unit: str = "official", n_latent: int = 64, epochs: int = 30,
+                 resolution: float = 1.0, unit: str = "official", tile_latent: int = 64, tile_epochs: int = 30,
                  tile_weights: str | None = None, refine: bool = False, refine_k: int = 6, seed: int = 0,
                  library_id: str | None = None, progress: bool = True):
         if weights not in WEIGHTS:
@@ -286,13 +286,13 @@ class STLearn(Method):
         if unit not in ("official", "corrected"):
             raise ValueError(f"unit={unit!r}: choose 'official' or 'corrected'.")
         for key, value in dict(n_pcs_expression=n_pcs_expression, n_morphology=n_morphology, n_pcs=n_pcs,
-                               epochs=epochs, n_latent=n_latent).items():
+                               tile_epochs=tile_epochs, tile_latent=tile_latent).items():
             if int(value) != value or value < 1:
                 raise ValueError(f"{key}={value} must be a positive integer.")
         self.n_domains, self.histology, self.weights, self.platform = n_domains, histology, weights, platform
         self.n_pcs_expression, self.n_morphology, self.crop_size = n_pcs_expression, n_morphology, crop_size
         self.n_pcs, self.clustering, self.resolution, self.unit = n_pcs, clustering, resolution, unit
-        self.n_latent, self.epochs, self.tile_weights = n_latent, epochs, tile_weights
+        self.tile_latent, self.tile_epochs, self.tile_weights = tile_latent, tile_epochs, tile_weights
         self.refine, self.refine_k, self.seed, self.library_id = refine, refine_k, seed, library_id
         self.progress = progress
 
@@ -305,7 +305,7 @@ class STLearn(Method):
         """``X_morphology`` (N, n_morphology): tile CNN features of the ``crop_size`` crops, then PCA (step 2)."""
         images.image_and_scale(adata, self.library_id, resolution=None)  # clear error if there is no image
         feats = images.slide_tile_features(adata, _crop_fullres(adata, self.crop_size, self.library_id),
-                                           n_latent=self.n_latent, epochs=self.epochs, seed=self.seed,
+                                           n_latent=self.tile_latent, epochs=self.tile_epochs, seed=self.seed,
                                            weights=self.tile_weights, library_id=self.library_id,
                                            progress=self.progress)
         n_comp = int(min(self.n_morphology, feats.shape[1], feats.shape[0] - 1))
