@@ -615,13 +615,14 @@ def encode_tiles(encoder: nn.Module, tiles, batch_size: int = 512) -> np.ndarray
     """
     if int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be a positive integer.")
-    x = to_tensor(tiles)
     was_training = encoder.training
     encoder.eval()
     try:
         param = next(encoder.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
-        out = [encoder(x[i:i + int(batch_size)].to(device)).float().cpu() for i in range(0, x.shape[0], int(batch_size))]
+        # float conversion per batch: all tiles at once as float32 would take 4x their uint8 memory
+        out = [encoder(to_tensor(tiles[i:i + int(batch_size)]).to(device)).float().cpu()
+               for i in range(0, len(tiles), int(batch_size))]
     finally:
         encoder.train(was_training)
     if not out:
