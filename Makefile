@@ -34,10 +34,10 @@ book: ## every chapter at full budget, rendered to book/_build/html
 bench: ## leaderboards of every task into results/
 	for t in graphs domains deconv impute locate; do $(BIN)/stcore bench $$t --out results || exit 1; done
 
-HISTOLOGY := leiden,gmm,spacell,stlearn,spagcn,deepst,tesla
+HISTOLOGY := leiden,gmm,spacell,stlearn,spagcn,stmvc,deepst,congi,tesla
 bench-histology: ## the ST + histology comparison (book/results/), with and without the image; about 3 h
 	OMP_NUM_THREADS=1 $(BIN)/stcore bench domains --methods $(HISTOLOGY) --seeds 0,1,2 \
-		--options "" --options histology=false --out results/histology
+		--options "" --options histology=false --options supervised=false --out results/histology
 	for run in "spagcn:" "stlearn,spacell:histology=false,epochs=1" "stlearn:tile_epochs=1" \
 			"spacell:epochs=1,tile_epochs=1" "deepst:pre_epochs=20,epochs=10,tile_epochs=1" "tesla:histology=false,res=100"; do \
 		OMP_NUM_THREADS=1 $(BIN)/stcore bench domains --methods "$${run%%:*}" --datasets synthetic_100k --seeds 0 \
