@@ -254,9 +254,9 @@ print(f"Best here: {best} (ARI {scores.loc[best, 'ARI']:.3f}); histology changed
 # positions scaled to the 600-pixel image and a 49-pixel colour window on it, our default), we ran both ten times,
 # seeds 0–9, one after the other on the same busy 2-core machine. The official package reached ARI
 # 0.428 ± 0.059 (0.455 ± 0.060 refined; its worst seed 0.313, one seed ended with 6 clusters), ours
-# 0.416 ± 0.020 (0.448 ± 0.024 refined; worst seed 0.379), 3× faster on average (1.0–5.5× per seed).
-# The means differ by 0.012, less than the standard error of the official mean (0.019): on this evidence the two
-# are equally accurate on average, and ours varies three times less from seed to seed. A seed does not give the
+# 0.414 ± 0.020 (0.447 ± 0.024 refined; worst seed 0.375), 3× faster on average (1.0–5.5× per seed).
+# The means differ by 0.014, less than the standard error of the official mean (0.019): the runs cannot tell the
+# two apart on average, and ours varies three times less from seed to seed. A seed does not give the
 # same partition in both, because the Louvain implementations visit nodes in different random orders. The
 # official figures quoted above with histology
 # (0.38–0.48) came from another way of feeding the image, which we could not reconstruct.

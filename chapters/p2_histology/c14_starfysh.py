@@ -72,7 +72,7 @@ cfg
 # %% [markdown]
 # ## The model
 #
-# For spot $i$ with counts $x_i \in \mathbb N^G$ and $K$ cell states (notation of {doc}`../notation`):
+# For spot $i$ with counts $x_i \in \mathbb N^G$ and $K$ cell states (notation of {doc}`../../book/notation`):
 #
 # $$
 # c_i \sim \mathrm{Dir}(\alpha p_i), \quad

@@ -102,6 +102,7 @@ class SpaGCNModel(nn.Module):
             weight = q.detach() ** 2 / q.detach().sum(0)
             self.target = weight / weight.sum(1, keepdim=True)
         self.steps += 1
+        self.labels = q.detach().argmax(1).numpy()  # labels before this step: the official stopping check uses them
         p = self.target
         return {"kl": (p * torch.log(p / (q + 1e-6))).sum(1).mean()}
 
@@ -168,16 +169,16 @@ class SpaGCN(Method):
         previous = {"labels": init}
 
         def converged(epoch, terms):
-            with torch.no_grad():
-                labels = model.soft_assign(model.embed(x)).argmax(1).numpy()
-            changed = float(np.mean(labels != previous["labels"]))
-            previous["labels"] = labels
+            changed = float(np.mean(model.labels != previous["labels"]))
+            previous["labels"] = model.labels
             return epoch > 0 and (epoch - 1) % model.update_interval == 0 and changed < self.tol
 
         optimizer = torch.optim.Adam(model.parameters(), lr=self.lr)
         history = fit(model, x, epochs=epochs, optimizer=optimizer, callback=converged, progress=progress,
                       desc="SpaGCN")
-        return previous["labels"], history
+        with torch.no_grad():
+            labels = model.soft_assign(model.embed(x)).argmax(1).numpy()
+        return labels, history
 
     def search_resolution(self, model: SpaGCNModel, x: torch.Tensor, max_run: int = 10) -> float:
         """The official stepping search: move by ``step`` towards K clusters, halving the step on overshoot."""
