@@ -197,7 +197,10 @@ def test_umap_connectivities_match_scanpy():
 
 
 def test_louvain_modularity_at_least_multilevel():
-    """The Louvain optimiser reaches the modularity of igraph's multilevel implementation on a planted graph."""
+    """The Louvain optimiser reaches the typical modularity of igraph's multilevel implementation on a planted
+    graph (the median of ten of its randomised runs; igraph draws from Python's ``random``, seeded here)."""
+    import random
+
     import igraph as ig
 
     X = np.concatenate([np.random.default_rng(0).normal(c, 0.3, size=(80, 2)) for c in (0, 3, 6)])
@@ -205,5 +208,8 @@ def test_louvain_modularity_at_least_multilevel():
     A = C.knn_adjacency(X, 15)
     g = ig.Graph.Weighted_Adjacency(A.toarray().tolist(), mode="undirected")
     ours = g.modularity(labels, weights="weight")
-    theirs = g.modularity(g.community_multilevel(weights="weight").membership, weights="weight")
-    assert ours >= theirs - 1e-3
+    theirs = []
+    for seed in range(10):
+        random.seed(seed)
+        theirs.append(g.modularity(g.community_multilevel(weights="weight").membership, weights="weight"))
+    assert ours >= np.median(theirs) - 1e-3
