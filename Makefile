@@ -16,12 +16,12 @@ setup: ## virtual environment with CPU PyTorch, stcore and the test + book tools
 test: test-unit test-chapters test-book ## everything: unit tests, every chapter (FAST), the rendered book in Chromium
 
 test-unit:
-	STCORE_FAST=1 OMP_NUM_THREADS=1 $(BIN)/pytest -q -n $(JOBS) tests
+	STCORE_FAST=1 OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 $(BIN)/pytest -q -n $(JOBS) tests
 
 test-chapters: ## each chapter converted to .ipynb and executed with nbmake in FAST mode
 	rm -rf build/notebooks && mkdir -p build/notebooks
 	for f in $(CHAPTERS); do $(BIN)/jupytext --quiet --to ipynb "$$f" -o "build/notebooks/$$(basename $${f%.py}).ipynb" || exit 1; done
-	STCORE_FAST=1 OMP_NUM_THREADS=1 $(BIN)/pytest -q -n $(JOBS) --nbmake --nbmake-timeout=600 build/notebooks
+	STCORE_FAST=1 OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 $(BIN)/pytest -q -n $(JOBS) --nbmake --nbmake-timeout=600 build/notebooks
 
 test-book: ## FAST build of the site, then a headless-Chromium check of the index and a chapter page
 	$(BIN)/python tools/build_book.py --fast
@@ -34,7 +34,7 @@ book: ## every chapter at full budget, rendered to book/_build/html
 bench: ## leaderboards of every task into results/
 	for t in graphs domains deconv impute locate; do $(BIN)/stcore bench $$t --out results || exit 1; done
 
-HISTOLOGY := leiden,gmm,spacell,stlearn,spagcn,stmvc,deepst,congi,tesla
+HISTOLOGY := leiden,gmm,spacell,stlearn,spagcn,stmvc,deepst,congi,tesla,transformerst
 bench-histology: ## the ST + histology comparison (book/results/), with and without the image; about 3 h
 	OMP_NUM_THREADS=1 $(BIN)/stcore bench domains --methods $(HISTOLOGY) --seeds 0,1,2 \
 		--options "" --options histology=false --options supervised=false --out results/histology

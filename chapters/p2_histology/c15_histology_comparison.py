@@ -17,8 +17,8 @@
 # %% [markdown]
 # # ST + histology: the methods side by side
 #
-# In this chapter you compare the seven domain methods of this part (SpaCell, stLearn, SpaGCN, stMVC, DeepST, ConGI
-# and TESLA) with two expression-only baselines on both DLPFC slides, under one protocol, and ask a simple
+# In this chapter you compare the eight domain methods of this part (SpaCell, stLearn, SpaGCN, stMVC, DeepST, ConGI,
+# TESLA and TransformerST) with two expression-only baselines on both DLPFC slides, under one protocol, and ask a simple
 # question: did the H&E image help?
 #
 # ```{admonition} Key takeaways
@@ -77,6 +77,7 @@ cfg
 # | DeepST | autoencoder + graph-autoencoder latent after DEC | Leiden, resolution scanned from 2.49 down until K |
 # | ConGI | gene code + 0.1 × image code (contrastive encoders) | Gaussian mixture (mclust EEE) |
 # | TESLA | 100-d CNN responses of the super-pixels | k-means, then each spot takes its super-pixels' majority |
+# | TransformerST | MLP features ‖ graph-Transformer code, after DEC | Leiden, resolution searched until K |
 # | Leiden / GMM baselines | 50 PCs of log-normalised expression | Leiden (resolution searched) / Gaussian mixture (mclust EEE) |
 #
 # ```{admonition} stMVC sees the answer
@@ -143,7 +144,7 @@ compact
 # the expression-only baselines. The star marks stMVC's supervised runs (its unsupervised ARI is in the table).
 
 # %%
-methods = ["spacell", "stlearn", "spagcn", "stmvc", "deepst", "congi", "tesla"]
+methods = ["spacell", "stlearn", "spagcn", "stmvc", "deepst", "congi", "tesla", "transformerst"]
 methods = [m for m in methods if m in set(table["method"])]
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), sharey=True)
 for ax, (slide, rows) in zip(axes, table.groupby("dataset")):
@@ -195,8 +196,8 @@ print(f"Across {len(effect)} method-slide pairs the image helped in {counts.get(
 #   its pixels, so colour and texture features see little more than the tissue edge and the white-matter tint.
 # * **The layers barely differ in colour.** Cortical layers are defined by which neurons live there, which H&E
 #   shows only at cellular resolution; expression tells them apart far better.
-# * **The image enters weakly.** SpaGCN and TESLA reduce it to one colour value per spot or super-pixel; stLearn
-#   and DeepST use it only to re-weight which neighbours are averaged.
+# * **The image enters weakly.** SpaGCN, TransformerST and TESLA reduce it to one colour value per spot or
+#   super-pixel; stLearn and DeepST use it only to re-weight which neighbours are averaged.
 # * **Or it enters strongly and pulls the wrong way.** stMVC's histology graph links spots with similar tiles, and
 #   on 151673 fewer than half of those links join spots of the same layer ({doc}`c09_stmvc`); ConGI's contrastive
 #   loss pulls each spot's gene code towards its tile's code, and its chapter shows the gene code losing layer
@@ -220,6 +221,9 @@ print(f"Across {len(effect)} method-slide pairs the image helped in {counts.get(
 # most of the image runs' time goes. The ARI of these runs says nothing about accuracy (the planted domains are easy);
 # time and memory are what they show. `peak_rss_mb` is the process's peak while the method runs (libraries and the
 # loaded slide included) and `peak_delta_mb` its rise above the size after loading, the method's own footprint.
+# TransformerST is not in this table: its graph loss, kept exact, costs $O(N^2)$ time per epoch (its memory stays
+# linear): $10^{10}$ pairs, minutes per epoch at this size and hours for the 60 epochs. The estimate from sampled
+# pairs that `TransformerSTModel(pair_samples=...)` offers for large slides is not benchmarked here.
 
 # %%
 big = pd.read_csv(results / "histology_100k.csv")
