@@ -9,6 +9,7 @@ from scipy import stats
 from stcore import cluster, metrics
 from stcore.data import synthetic
 from stcore.methods import get_method
+from stcore.nn import info_nce
 from stcore.methods.congi import (
     ConGI,
     ConGIModel,
@@ -16,7 +17,6 @@ from stcore.methods.congi import (
     cutout,
     gene_augment,
     mixup,
-    nt_xent,
 )
 
 
@@ -87,16 +87,17 @@ def test_image_changes_the_embedding_and_histology_false_never_reads_it(slide):
     assert z1.shape == (slide.n_obs, 64) and np.abs(z1 - z2).max() > 1e-3
 
 
-def test_nt_xent_matches_the_official_formula():
+def test_info_nce_with_tau_1_matches_the_official_nt_xent():
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(5, 3)), rng.normal(size=(5, 3))
-    got = nt_xent(torch.tensor(a), torch.tensor(b)).item()
+    got = info_nce(torch.tensor(a), torch.tensor(b), tau=1.0).item()
     assert got == pytest.approx(reference_nt_xent(a, b), rel=1e-10)
     # a tiny case by hand: n = 1, the only "other" row is the positive, so the loss is 0
-    assert nt_xent(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])).item() == pytest.approx(0.0, abs=1e-7)
+    orthogonal = info_nce(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]), tau=1.0)
+    assert orthogonal.item() == pytest.approx(0.0, abs=1e-7)
     # n = 2 orthogonal pairs matched: each row sees cos 1 (positive) and cos 0 twice -> log(e + 2) - 1
     e = torch.eye(2)
-    assert nt_xent(e, e).item() == pytest.approx(np.log(np.e + 2) - 1, rel=1e-6)
+    assert info_nce(e, e, tau=1.0).item() == pytest.approx(np.log(np.e + 2) - 1, rel=1e-6)
 
 
 def test_three_losses_by_hand():

@@ -100,7 +100,6 @@ import anndata as ad
 import numpy as np
 import scanpy as sc
 import torch
-from scipy import sparse
 from torch import nn
 
 from .. import images, preprocess
@@ -120,7 +119,6 @@ __all__ = [
     "gene_augment",
     "image_augment",
     "mixup",
-    "nt_xent",
 ]
 
 
@@ -129,14 +127,12 @@ def congi_gene_features(adata, n_pcs: int = 300, *, min_cells: int = 3, seed: in
                         exact: bool = False) -> np.ndarray:
     """Step 1: filter genes (``min_cells``), normalise each spot to total 1 (no log), scale genes, PCA.
 
-    The PCA is a randomised SVD (4 power iterations, seeded), whose leading components match the exact ones
-    (correlation > 0.98 for the first 50 on DLPFC) in a fraction of ARPACK's time; ``exact=True`` uses the exact
-    ARPACK PCA of :func:`stcore.preprocess.pca` (as scanpy, about 35 s on one DLPFC slide on one core).
+    The PCA is :func:`stcore.preprocess.pca` with the randomised solver (seeded), whose leading components match
+    the exact ones in a fraction of ARPACK's time; ``exact=True`` uses the exact ARPACK PCA (as scanpy, about 35 s
+    on one DLPFC slide on one core).
 
     Returns (N, min(n_pcs, N - 1, G - 1)) float32.
     """
-    from sklearn.utils.extmath import randomized_svd
-
     counts = counts_matrix(adata)
     tmp = ad.AnnData(X=counts.astype(np.float32))
     sc.pp.filter_genes(tmp, min_cells=min_cells)
@@ -144,14 +140,8 @@ def congi_gene_features(adata, n_pcs: int = 300, *, min_cells: int = 3, seed: in
         raise ValueError(f"Only {tmp.n_vars} gene(s) are detected in at least min_cells={min_cells} spots; "
                          "lower min_cells or check that adata.X holds the counts.")
     X = sc.pp.normalize_total(tmp, target_sum=1, exclude_highly_expressed=True, inplace=False)["X"]
-    if exact:
-        return np.ascontiguousarray(preprocess.pca(X, n_pcs, seed=seed, scale=True), dtype=np.float32)
-    X = X.toarray() if sparse.issparse(X) else np.asarray(X, dtype=np.float32)
-    sd = X.std(0)
-    X = (X - X.mean(0)) / np.where(sd > 0, sd, 1)
-    k = min(int(n_pcs), min(X.shape) - 1)
-    U, S, _ = randomized_svd(X, k, n_iter=4, random_state=seed)
-    return np.ascontiguousarray(U * S, dtype=np.float32)
+    solver = "arpack" if exact else "randomized"
+    return np.ascontiguousarray(preprocess.pca(X, n_pcs, seed=seed, scale=True, solver=solver), dtype=np.float32)
 
 
 def congi_tile_views(tiles, *, n_views: int = 8, n_latent: int = 64, epochs: int = 5, width: int = 16,
@@ -289,11 +279,6 @@ def mixup(x: torch.Tensor, generator: torch.Generator | int | None = None, alpha
     return lam * x + (1 - lam) * x[perm], perm, lam
 
 
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
-    """ConGI's NT-Xent (SimCLR) with temperature 1: :func:`stcore.nn.info_nce` (the same definition)."""
-    return info_nce(z1, z2, tau=tau)
-
-
 # ------------------------------------------------------------------------------------------------ model
 def _block_mlp(dims, p_drop: float) -> MLP:
     """Linear + BatchNorm + ELU (+ Dropout) for every layer, the official ``LinearBlock``."""
@@ -392,15 +377,15 @@ class ConGIModel(nn.Module):
             hi_v = self.projector(self.encode_image(views["t_v"][idx]))
             x_mix, perm, lam = mixup(self.genes[idx], g, self.mixup_alpha)
             hg = self.projector(self.gene_encoder(x_mix))
-            terms["g2i"] = self.w_g2i * (lam * nt_xent(hg, hi_u, self.tau)
-                                         + (1 - lam) * nt_xent(hg, hi_u[perm], self.tau))
+            terms["g2i"] = self.w_g2i * (lam * info_nce(hg, hi_u, self.tau)
+                                         + (1 - lam) * info_nce(hg, hi_u[perm], self.tau))
         u_mix, perm, lam = mixup(views["xg_u"][idx], g, self.mixup_alpha)
         hg_u = self.projector(self.gene_encoder(u_mix))
         hg_v = self.projector(self.gene_encoder(views["xg_v"][idx]))
-        terms["g2g"] = self.w_g2g * (lam * nt_xent(hg_u, hg_v, self.tau)
-                                     + (1 - lam) * nt_xent(hg_u, hg_v[perm], self.tau))
+        terms["g2g"] = self.w_g2g * (lam * info_nce(hg_u, hg_v, self.tau)
+                                     + (1 - lam) * info_nce(hg_u, hg_v[perm], self.tau))
         if self.histology:
-            terms["i2i"] = self.w_i2i * nt_xent(hi_u, hi_v, self.tau)
+            terms["i2i"] = self.w_i2i * info_nce(hi_u, hi_v, self.tau)
         return terms
 
     @torch.no_grad()
