@@ -7,7 +7,7 @@ import torch
 from stcore import graphs, metrics
 from stcore.data import synthetic
 from stcore.methods import get_method
-from stcore.methods.spagcn import SpaGCN
+from stcore.methods.spagcn import SpaGCN, SpaGCNModel, spagcn_expression
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +77,20 @@ def test_errors(slide):
     del bare.uns["spatial"]
     with pytest.raises(KeyError):
         SpaGCN(n_domains=4).run(bare)
+
+
+
+@pytest.mark.parametrize("train_centroids", [False, True])
+def test_centroids_stay_fixed_as_in_the_official_code_unless_asked(slide, train_centroids):
+    method = SpaGCN(n_domains=4, histology=False, epochs=5, tol=0.0, seed=0, train_centroids=train_centroids)
+    x = torch.as_tensor(spagcn_expression(slide, n_pcs=10), dtype=torch.float32)
+    model = SpaGCNModel(10, 10, method.adjacency(method.graph_points(slide))[0])
+    initial, initialise = {}, model.init_centroids
+
+    def recording_init(x_, labels):
+        initialise(x_, labels)
+        initial["mu"] = model.mu.detach().clone()
+
+    model.init_centroids = recording_init
+    method._train(model, x, 1.0, 5, False)
+    assert torch.equal(model.mu.detach(), initial["mu"]) is not train_centroids

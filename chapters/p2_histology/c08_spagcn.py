@@ -38,6 +38,7 @@
 
 # %%
 import inspect
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -173,7 +174,8 @@ print(inspect.getsource(spagcn.SpaGCNModel.soft_assign))
 
 # %% [markdown]
 # Before training, the centroids are the means of a Louvain clustering of the *untrained* $H$ (random $\Theta$ but
-# the real graph, so it is already a smoothed expression). The Louvain resolution is searched, 20 epochs per trial,
+# the real graph, so it is already a smoothed expression); training then moves $\Theta$ and $b$ only, so the
+# embedding moves towards fixed centroids (the official code's behaviour, see below). The Louvain resolution is searched, 20 epochs per trial,
 # until training ends with exactly $K$ clusters. `stcore.cluster.louvain` rebuilds what the official code calls:
 # scanpy's UMAP-weighted 10-nearest-neighbour graph (`stcore.cluster.umap_connectivities`) and the Louvain
 # algorithm of the `louvain` package (local moving, then aggregation).
@@ -245,21 +247,43 @@ print(f"Best here: {best} (ARI {scores.loc[best, 'ARI']:.3f}); histology changed
 # %% [markdown]
 # These numbers use **K = 7 given** (the true number of layers) and one seed. Both choices flatter a method: the
 # resolution search is told the answer, and the spread between seeds is about ±0.04 ARI on this slide. The
-# benchmark page ({doc}`c15_histology_comparison`) averages three seeds on both slides. For the record, the
-# official SpaGCN 1.2.7 run on this machine on the same data (K = 7, its tutorial defaults, seeds 100, 1 and 2)
-# reached ARI 0.38–0.48 before and 0.41–0.53 after refinement with histology, 0.43–0.52 and 0.45–0.55 without,
-# in 25–110 s per run; the paper reports 0.419 on 151673. Our implementation, with seeds 100, 1 and 2 and no
-# histology, reached 0.473, 0.475 and 0.473 (0.503, 0.501 and 0.494 refined), in under 30 s per run. With
-# histology the comparison depends on how the low-resolution image is fed in. Given the same inputs (spot
-# positions scaled to the 600-pixel image and a 49-pixel colour window on it, our default), we ran both ten times,
-# seeds 0–9, one after the other on the same busy 2-core machine. The official package reached ARI
-# 0.428 ± 0.059 (0.455 ± 0.060 refined; its worst seed 0.313, one seed ended with 6 clusters), ours
-# 0.414 ± 0.020 (0.447 ± 0.024 refined; worst seed 0.375), 3× faster on average (1.0–5.5× per seed).
-# The means differ by 0.014, less than the standard error of the official mean (0.019): the runs cannot tell the
-# two apart on average, and ours varies three times less from seed to seed. A seed does not give the
-# same partition in both, because the Louvain implementations visit nodes in different random orders. The
-# official figures quoted above with histology
-# (0.38–0.48) came from another way of feeding the image, which we could not reconstruct.
+# benchmark page ({doc}`c15_histology_comparison`) averages three seeds on both slides; the paper reports 0.419 on
+# 151673.
+#
+# ### Side by side with the official package
+#
+# `tools/spagcn_parity.py` runs either implementation on 151673 with the same inputs: the spots' full-resolution
+# positions, the 600-pixel H&E with a 49-pixel colour window, K = 7 and the tutorial defaults (the official
+# package needs an environment of its own). Twenty seeds each, on the same 2-core machine; for six seeds the two
+# ran alternately, one after the other, so that their times are comparable (the official clock starts after its
+# adjacency matrix is built, ours includes everything):
+
+# %%
+results_dir = Path(stcore.__file__).resolve().parents[1] / "book" / "results"
+parity = pd.read_csv(results_dir / "spagcn_parity.csv")
+parity.groupby("implementation")[["ARI", "ARI_refined"]].agg(["mean", "std", "min", "count"]).round(3)
+
+# %%
+timed = parity.dropna(subset=["paired_wall_s"]).pivot(index="seed", columns="implementation", values="paired_wall_s")
+timed["speed-up"] = timed["official 1.2.7"] / timed["stcore"]
+timed.round(1)
+
+# %%
+from scipy import stats
+
+ours, official = (parity.loc[parity["implementation"] == name, "ARI"] for name in ("stcore", "official 1.2.7"))
+standard_error = np.sqrt(ours.var() / len(ours) + official.var() / len(official))
+print(f"mean ARI difference (stcore - official): {ours.mean() - official.mean():+.3f} "
+      f"± {standard_error:.3f} (standard error); Welch test p = {stats.ttest_ind(ours, official, equal_var=False).pvalue:.2f}")
+
+# %% [markdown]
+# Our mean is about a hundredth lower, less than the standard error of the difference: twenty seeds cannot tell
+# the two implementations apart, and both have a bad seed or two (one of ours ends near 0.27). A seed does not give
+# the same partition in both, because the Louvain implementations visit nodes in different random orders, and the
+# starting clusters move the final ARI by ±0.05. Two details of the official code are kept because they change
+# the result: the Student-t exponent above, and fixed centroids: the official code creates the DEC centroids after
+# its optimiser, so they are never trained (standard DEC trains them; `train_centroids=True`). Ours is about three
+# times faster per run on the paired seeds, and needs no dense matrix.
 #
 # **Why so fast?** The official code spends its time on the dense $N \times N$ distance and kernel matrices and on
 # scanpy's neighbour search; here the kernel is a sparse edge list and every trial of the resolution search reuses

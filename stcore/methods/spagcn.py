@@ -18,8 +18,11 @@ Pipeline (integration strategy: *graph* — histology enters as edge weights):
    target :math:`p_{ik} \\propto q_{ik}^2 / \\sum_i q_{ik}`, loss :math:`\\operatorname{mean}_i \\mathrm{KL}(p_i \\Vert q_i)`.
    Centroids start at the means of a Louvain clustering of the untrained :math:`H`; the Louvain resolution is
    searched (start 0.7, step 0.1, 20 epochs per trial) until training ends with ``n_domains`` clusters.
-5. Train with Adam (lr 0.05) for at most 200 epochs, refreshing :math:`p` every 3 epochs and stopping when fewer
-   than 0.5 % of the labels change; optionally refine labels by a majority vote over the 6 nearest spots.
+5. Train :math:`\Theta, b` with Adam (lr 0.05) for at most 200 epochs, refreshing :math:`p` every 3 epochs and
+   stopping when fewer than 0.5 % of the labels change; the centroids stay where the Louvain initialisation put
+   them, as in the official code (its centroid parameter is created after the optimiser, so the optimiser never
+   updates it; standard DEC also trains them: ``train_centroids=True``). Optionally refine labels by a majority
+   vote over the 6 nearest spots.
 
 Deliberate deviations from the official code
 ---------------------------------------------
@@ -113,8 +116,9 @@ class SpaGCN(Method):
 
     Options follow the official tutorial: ``s`` (histology scale, α in the paper), ``b`` (colour window, in pixels
     of the image used), ``p`` (neighbour contribution), ``lr``, ``epochs``, ``tol``, ``seed`` (100 in the
-    tutorial). With
-    ``histology=False`` the graph uses the spot positions only. ``resolution`` skips the resolution search.
+    tutorial). With ``histology=False`` the graph uses the spot positions only. ``resolution`` skips the resolution
+    search. ``train_centroids=True`` lets the optimiser move the DEC centroids (standard DEC; the official code
+    keeps them fixed).
     """
 
     name = "spagcn"
@@ -128,7 +132,7 @@ class SpaGCN(Method):
                  alpha: float = 0.2, n_neighbors: int = 10, resolution: float | None = None,
                  search_start: float = 0.7, search_step: float = 0.1, search_epochs: int = 20,
                  refine: bool = False, refine_k: int = 6, seed: int = 100, library_id: str | None = None,
-                 progress: bool = True):
+                 train_centroids: bool = False, progress: bool = True):
         if n_domains is None and resolution is None:
             raise ValueError("Give n_domains (the resolution is then searched) or a Louvain resolution.")
         self.n_domains, self.histology, self.s, self.b, self.p = n_domains, histology, s, b, p
@@ -136,7 +140,7 @@ class SpaGCN(Method):
         self.n_neighbors, self.resolution = n_neighbors, resolution
         self.search_start, self.search_step, self.search_epochs = search_start, search_step, search_epochs
         self.refine, self.refine_k, self.seed, self.library_id = refine, refine_k, seed, library_id
-        self.progress = progress
+        self.train_centroids, self.progress = train_centroids, progress
 
     # -- steps 2-3 -------------------------------------------------------------------------------------------
     def graph_points(self, adata) -> np.ndarray:
@@ -173,7 +177,8 @@ class SpaGCN(Method):
             previous["labels"] = model.labels
             return epoch > 0 and (epoch - 1) % model.update_interval == 0 and changed < self.tol
 
-        optimizer = torch.optim.Adam(model.parameters(), lr=self.lr)
+        trained = [p for name, p in model.named_parameters() if self.train_centroids or name != "mu"]
+        optimizer = torch.optim.Adam(trained, lr=self.lr)
         history = fit(model, x, epochs=epochs, optimizer=optimizer, callback=converged, progress=progress,
                       desc="SpaGCN")
         with torch.no_grad():
