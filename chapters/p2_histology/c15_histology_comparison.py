@@ -27,7 +27,7 @@
 #   spots excluded), three seeds, with and without the image, before and after the same refinement.
 # * Spatial smoothing (a graph, neighbour averaging or refinement) is what lifts methods above the expression-only
 #   baselines: in our run DeepST beats them clearly on both slides, SpaGCN without the image too, while SpaCell,
-#   with no spatial term, falls below them. stMVC scores highest only because it trains on 70 % of the manual
+#   with no spatial term, falls below them, and TransformerST, with the short schedule a CPU allows, far below. stMVC scores highest only because it trains on 70 % of the manual
 #   labels; without them it falls below the baselines. The image, on these slides, mostly does not help.
 # * Known K and refinement both inflate scores; the seed-to-seed spread is often as large as the differences
 #   between methods.
@@ -123,7 +123,9 @@ summary.round(3)
 # ## One table
 #
 # Mean ± standard deviation over the seeds, per slide. Wall time and peak memory are those of one full run on one
-# slide (the peak includes about 0.5 GB of Python libraries).
+# slide (the peak includes about 0.5 GB of Python libraries). The methods were benchmarked at different times on
+# a shared 2-core machine, some while other jobs ran: a wall time can be several times its value on an
+# idle machine, so compare times within a method (image or not), and across methods only by order of magnitude.
 
 # %%
 def mean_sd(col):
