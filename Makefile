@@ -35,7 +35,7 @@ bench: ## leaderboards of every task into results/
 	for t in graphs domains deconv impute locate; do $(BIN)/stcore bench $$t --out results || exit 1; done
 
 HISTOLOGY := leiden,gmm,spacell,stlearn,spagcn,stmvc,deepst,congi,tesla,transformerst
-bench-histology: ## the ST + histology comparison (book/results/), with and without the image; about 3 h
+bench-histology: ## the ST + histology comparison (book/results/), with and without the image; about 4 h
 	OMP_NUM_THREADS=1 $(BIN)/stcore bench domains --methods $(HISTOLOGY) --seeds 0,1,2 \
 		--options "" --options histology=false --options supervised=false --out results/histology
 	for run in "spagcn:" "stlearn,spacell:histology=false,epochs=1" "stlearn:tile_epochs=1" \

@@ -196,8 +196,8 @@ print(f"all three: {(aug == xs).all(1).float().mean():.3f} of the copies unchang
 # %%
 print(inspect.getsource(stcore.nn.info_nce).split('"""')[-1])
 e = torch.eye(2)
-assert abs(cg.nt_xent(e, e).item() - (np.log(np.e + 2) - 1)) < 1e-6
-print("NT-Xent of the 2-spot example:", round(cg.nt_xent(e, e).item(), 4))
+assert abs(stcore.nn.info_nce(e, e, tau=1.0).item() - (np.log(np.e + 2) - 1)) < 1e-6
+print("NT-Xent of the 2-spot example:", round(stcore.nn.info_nce(e, e, tau=1.0).item(), 4))
 
 # %% [markdown]
 # The three terms of {eq}`eq-c11-losses` are computed in `ConGIModel.loss` from one mini-batch of spot indices:

@@ -34,7 +34,7 @@
 # ```
 #
 # **Prerequisites:** the method chapters of this part. **Run time:** seconds (it reads the benchmark's results;
-# producing them takes about three hours on 2 CPU cores).
+# producing them takes about four hours on 2 CPU cores).
 
 # %%
 import json
