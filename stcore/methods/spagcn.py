@@ -18,7 +18,7 @@ Pipeline (integration strategy: *graph* — histology enters as edge weights):
    target :math:`p_{ik} \\propto q_{ik}^2 / \\sum_i q_{ik}`, loss :math:`\\operatorname{mean}_i \\mathrm{KL}(p_i \\Vert q_i)`.
    Centroids start at the means of a Louvain clustering of the untrained :math:`H`; the Louvain resolution is
    searched (start 0.7, step 0.1, 20 epochs per trial) until training ends with ``n_domains`` clusters.
-5. Train :math:`\Theta, b` with Adam (lr 0.05) for at most 200 epochs, refreshing :math:`p` every 3 epochs and
+5. Train :math:`\\Theta, b` with Adam (lr 0.05) for at most 200 epochs, refreshing :math:`p` every 3 epochs and
    stopping when fewer than 0.5 % of the labels change; the centroids stay where the Louvain initialisation put
    them, as in the official code (its centroid parameter is created after the optimiser, so the optimiser never
    updates it; standard DEC also trains them: ``train_centroids=True``). Optionally refine labels by a majority
