@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from scipy import sparse
 
 from .. import cluster
 from ..validation import check_n_clusters, spatial_coords
 
-__all__ = ["embedding_to_domains", "write_domains", "write_frame", "missing_genes"]
+__all__ = ["dense", "embedding_to_domains", "write_domains", "write_frame", "missing_genes"]
+
+
+def dense(X) -> np.ndarray:
+    """A dense float64 copy of a matrix that may be scipy-sparse."""
+    return np.asarray(X.toarray() if sparse.issparse(X) else X, dtype=np.float64)
 
 
 def embedding_to_domains(embedding, n_domains: int | None, *, clustering: str = "gmm", seed: int = 0,

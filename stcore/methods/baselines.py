@@ -10,23 +10,18 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from scipy import sparse
 from scipy.optimize import nnls
 from scipy.spatial import cKDTree
 
 from .. import preprocess
 from ..validation import cell_type_labels, counts_matrix, shared_genes, spatial_coords
 from . import Method, register
-from ._common import coords_for_refinement, embedding_to_domains, missing_genes, write_domains, write_frame
-
-
-def _dense(X) -> np.ndarray:
-    return np.asarray(X.toarray() if sparse.issparse(X) else X, dtype=np.float64)
+from ._common import coords_for_refinement, dense, embedding_to_domains, missing_genes, write_domains, write_frame
 
 
 def _log_profiles(adata, genes) -> np.ndarray:
     """log1p(CP10k) of ``genes``, normalised on those genes only (so both datasets are on one scale)."""
-    X = _dense(counts_matrix(adata[:, genes]))
+    X = dense(counts_matrix(adata[:, genes]))
     lib = X.sum(1, keepdims=True)
     if np.any(lib == 0):
         raise ValueError(f"{int((lib == 0).sum())} spots/cells have no counts on the shared genes; "
@@ -93,11 +88,11 @@ class NNLSDeconvolution(Method):
         self._check_reference(reference)
         genes = shared_genes(adata, reference)
         types = cell_type_labels(reference, self.cell_type_key)
-        ref = _dense(counts_matrix(reference[:, genes]))
+        ref = dense(counts_matrix(reference[:, genes]))
         ref = ref / np.maximum(ref.sum(1, keepdims=True), 1)
         onehot = pd.get_dummies(types).astype(float)
         signatures = (onehot.to_numpy().T @ ref) / onehot.to_numpy().sum(0)[:, None]  # (C, G)
-        spots = _dense(counts_matrix(adata[:, genes]))
+        spots = dense(counts_matrix(adata[:, genes]))
         spots = spots / np.maximum(spots.sum(1, keepdims=True), 1)
         weights = np.stack([nnls(signatures.T, s)[0] for s in spots])
         total = weights.sum(1, keepdims=True)
@@ -131,8 +126,8 @@ class KNNImputation(Method):
         dist, idx = cKDTree(ref).query(query, k=k)
         idx = idx.reshape(len(query), k)
         weight = np.clip(1 - dist.reshape(len(query), k) ** 2 / 2, 1e-6, None)  # cosine similarity
-        target_counts = _dense(counts_matrix(reference[:, targets]))
-        lib = np.maximum(_dense(counts_matrix(reference)).sum(1, keepdims=True), 1)
+        target_counts = dense(counts_matrix(reference[:, targets]))
+        lib = np.maximum(dense(counts_matrix(reference)).sum(1, keepdims=True), 1)
         target_expr = target_counts / lib * 1e4
         pred = (target_expr[idx] * weight[..., None]).sum(1) / weight.sum(1, keepdims=True)
         write_frame(adata, f"imputed_{self.key}", pred, targets)

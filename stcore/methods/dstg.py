@@ -94,7 +94,7 @@ from ..nn import GCNStack
 from ..train import fit, set_seed
 from ..validation import cell_type_labels, counts_matrix, shared_genes
 from . import Method, register
-from ._common import write_frame
+from ._common import dense, write_frame
 
 __all__ = [
     "DSTG",
@@ -114,10 +114,6 @@ __all__ = [
 ]
 
 
-def _dense(X) -> np.ndarray:
-    return np.asarray(X.toarray() if sparse.issparse(X) else X, dtype=np.float64)
-
-
 # ------------------------------------------------------------------------------------------- steps 1-3
 def anova_genes(counts, codes, n_genes: int = 2000) -> np.ndarray:
     """Indices of the ``n_genes`` genes with the smallest one-way ANOVA p-value across cell types (step 1).
@@ -127,7 +123,7 @@ def anova_genes(counts, codes, n_genes: int = 2000) -> np.ndarray:
     """
     from sklearn.feature_selection import f_classif
 
-    X = _dense(counts)
+    X = dense(counts)
     with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "Features [...] are constant": handled below
         f, p = f_classif(X, np.asarray(codes))
@@ -172,7 +168,7 @@ def mix_pseudo_spots(counts, codes, n_types: int, n_spots: int = 1000, cells_per
 
 def log_normalize(counts) -> np.ndarray:
     """Seurat ``NormalizeData``: :math:`\\log(1 + 10^4 x_{ig} / \\sum_g x_{ig})` (rows with no counts stay 0)."""
-    X = _dense(counts)
+    X = dense(counts)
     lib = X.sum(1, keepdims=True)
     return np.log1p(np.divide(X, lib, out=np.zeros_like(X), where=lib > 0) * 1e4)
 
