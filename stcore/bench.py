@@ -12,7 +12,10 @@ domains       DLPFC 151673 and 151674, K = 7; ARI, NMI, homogeneity against the 
               6-nearest-spot majority vote (``*_refined``). ``synthetic_100k`` (``--datasets``): a
               100,000-spot slide with planted domains and an H&E-like image, for time and memory at scale
 deconv        MERFISH hypothalamus cells summed on a 100 µm grid (known composition) + the Moffitt
-              scRNA-seq reference; Li et al. 2022 deconvolution metrics, averaged over cell types
+              scRNA-seq reference (cross-platform), and seqFISH mouse embryo cells of one half summed on a
+              Visium-sized grid + the other half as the reference; Li et al. 2022 deconvolution metrics,
+              averaged over cell types. ``synthetic_100k`` (``--datasets``): 100,000 pseudo-spots of the
+              Moffitt reference on a hexagonal lattice, for time and memory at scale
 impute        MERFISH hypothalamus + Moffitt reference, shared genes split in 5 folds, each fold hidden and
               predicted; Li et al. 2022 gene metrics, averaged over genes
 locate        MERFISH hypothalamus, one section: a random half of the cells keeps its positions (the spatial
@@ -48,7 +51,7 @@ __all__ = ["TASK_DATASETS", "run", "run_one", "format_table", "summarise"]
 
 TASK_DATASETS = {
     "domains": ["dlpfc_151673", "dlpfc_151674"],
-    "deconv": ["merfish_grid100"],
+    "deconv": ["merfish_grid100", "seqfish_embryo_grid"],
     "impute": ["merfish_moffitt"],
     "locate": ["merfish_half_section"],
     "graphs": ["random_100k"],
@@ -105,11 +108,9 @@ def load_task_data(task: str, dataset: str, fast: bool):
             return data.synthetic.toy_domains(n_spots=n, n_genes=200, n_domains=7, seed=0), None, None
         adata = data.load(dataset)
         return (data.central_patch(adata, 800) if fast else adata), None, None
-    cells, reference = _merfish_pair(fast)
     if task == "deconv":
-        spots = data.synthetic.grid_spots(cells, spot_size=100.0, cell_type_key="cell_type")
-        spots = spots[:, spots.var_names.isin(reference.var_names)].copy()
-        return spots, reference, spots.obsm["proportions"]
+        return _deconv_data(dataset, fast)
+    cells, reference = _merfish_pair(fast)
     if task == "impute":
         shared = cells.var_names[cells.var_names.isin(reference.var_names)]
         return cells[:, shared].copy(), reference, None
@@ -121,6 +122,36 @@ def load_task_data(task: str, dataset: str, fast: bool):
         del query.obsm["spatial"]
         return spatial, query, truth
     raise ValueError(f"Unknown task {task!r}; choose one of {sorted(TASK_DATASETS)}.")
+
+
+#: Grid windows of the deconvolution datasets (units of ``obsm["spatial"]``: µm for MERFISH; for the seqFISH
+#: embryo 0.2 source units, about 55 µm, the side of a Visium spot, holding a median 8 cells of one half).
+DECONV_GRIDS = {"merfish_grid100": 100.0, "seqfish_embryo_grid": 0.2}
+
+
+def _deconv_data(dataset: str, fast: bool):
+    """``(spots, reference, true proportions)`` of one deconvolution dataset."""
+    from . import data
+
+    if dataset == "synthetic_100k":
+        _, reference = data.merfish_moffitt_pair()
+        n = 10_000 if fast else 100_000
+        spots = data.synthetic.pseudo_spots(reference, n_spots=n, seed=0)
+        rows, cols, coords = data.synthetic.hex_lattice(n)
+        spots.obs["array_row"], spots.obs["array_col"] = rows, cols
+        spots.obsm["spatial"] = coords
+        return spots, reference, spots.obsm["proportions"]
+    if dataset not in DECONV_GRIDS:
+        raise ValueError(f"Unknown deconvolution dataset {dataset!r}; choose one of "
+                         f"{sorted(DECONV_GRIDS) + ['synthetic_100k']}.")
+    if dataset == "merfish_grid100":
+        cells, reference = _merfish_pair(fast)
+    else:
+        cells, reference = data.seqfish_embryo_pair()
+        cells = _subsample(cells, 1500) if fast else cells
+    spots = data.synthetic.grid_spots(cells, spot_size=DECONV_GRIDS[dataset], cell_type_key="cell_type")
+    spots = spots[:, spots.var_names.isin(reference.var_names)].copy()
+    return spots, reference, spots.obsm["proportions"]
 
 
 def _score_domains(result, method_name):

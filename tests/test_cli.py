@@ -12,7 +12,7 @@ from scipy import sparse
 
 from stcore.cli import main, parse_method_options
 from stcore.data import synthetic
-from stcore.methods import get_method
+from stcore.methods import available, get_method
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +118,48 @@ def test_bench_options_are_parsed():
     assert _parse_options("") == {}
     with pytest.raises(ValueError, match="key=value"):
         _parse_options("histology")
+
+
+@pytest.fixture(scope="module")
+def foreign_pair(tmp_path_factory):
+    """A spatial/reference pair as a user might bring it: a renamed type column, genes in another order, genes only
+    one side has, spot names and positions of its own."""
+    d = tmp_path_factory.mktemp("pair")
+    reference, _ = synthetic.toy_pair(n_cells=240, n_spots=10, n_genes=40, n_types=3, n_hidden_genes=5, seed=3)
+    reference.obs["subclass"] = reference.obs.pop("cell_type")
+    spots = synthetic.pseudo_spots(reference, n_spots=120, cell_type_key="subclass", seed=1)
+    spots.obsm["spatial"] = synthetic.hex_lattice(spots.n_obs)[2]
+    spots.obs_names = [f"barcode-{i}" for i in range(spots.n_obs)]
+    extra = ad.AnnData(sparse.csr_matrix(np.ones((spots.n_obs, 2), dtype=np.float32)), obs=spots.obs[[]],
+                       var=pd.DataFrame(index=["OnlySpatial1", "OnlySpatial2"]))
+    spots = ad.concat([spots[:, ::-1], extra], axis=1, merge="first")
+    spots.obsm["spatial"] = synthetic.hex_lattice(spots.n_obs)[2]
+    spots.write_h5ad(d / "spots.h5ad")
+    reference.write_h5ad(d / "ref.h5ad")
+    return d, sorted(reference.obs["subclass"].unique())
+
+
+#: Small budgets given on the command line, as a user would shorten a run (the defaults are the official ones).
+SHORT_RUNS = {
+    "celldart": "--npseudo 500 --n-iterations 20 --init-train-epoch 2 --batch-size 64",
+    "destvi": "--sc-epochs 5 --st-epochs 5",
+    "dstg": "--n-pseudo 200 --epochs 10",
+    "graphst_deconv": "--epochs 10 --sc-epochs 10 --map-epochs 10",
+    "gtad": "--n-pseudo 200 --epochs 10",
+    "sd2": "--n-pseudo 200 --epochs 10",
+    "starfysh": "--epochs 3 --histology false",
+}
+
+
+@pytest.mark.parametrize("method", sorted(available("deconv")["method"]))
+def test_every_deconvolution_method_runs_on_a_foreign_pair(foreign_pair, method):
+    d, types = foreign_pair
+    out = d / f"{method}.h5ad"
+    assert main(["run", method, str(d / "spots.h5ad"), "--reference", str(d / "ref.h5ad"), "-o", str(out),
+                 "--cell-type-key", "subclass",
+                 *(f"{SHORT_RUNS[method]} --progress false".split() if method in SHORT_RUNS else [])]) == 0
+    result = ad.read_h5ad(out)
+    props = result.obsm[f"proportions_{method}"]
+    assert sorted(props.columns) == types and list(props.index) == list(result.obs_names)
+    assert np.isfinite(props.to_numpy()).all() and (props.to_numpy() >= 0).all()
+    assert np.allclose(props.sum(1), 1, atol=1e-4)

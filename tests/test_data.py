@@ -22,9 +22,9 @@ DATA = Path(__file__).resolve().parents[1] / "data"
 HER2ST = {"A1": (346, 15045), "B1": (295, 15109), "C1": (176, 15557), "C2": (187, 15706), "C3": (180, 15821),
           "D1": (306, 15661), "E1": (587, 15701), "F1": (691, 14861), "G2": (467, 15258), "H1": (613, 15029)}
 HER2ST_LABELLED = ("A1", "B1", "C1", "D1", "E1", "F1", "G2", "H1")
-SPATIAL = ["dlpfc_151673", "dlpfc_151674", *(f"her2st_{s}" for s in HER2ST), "merfish_hypothalamus",
-           "merfish_vignette"]
-ALL = sorted(SPATIAL + ["moffitt_scrna", "starfysh_breast_signatures"])
+SPATIAL = ["dlpfc_151673", "dlpfc_151674", *(f"her2st_{s}" for s in HER2ST), "hippocampus_visium",
+           "merfish_hypothalamus", "merfish_vignette", "seqfish_embryo"]
+ALL = sorted(SPATIAL + ["hippocampus_dropseq", "moffitt_scrna", "starfysh_breast_signatures"])
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -311,6 +311,26 @@ def test_merfish_vignette():
     adata = _load("merfish_vignette")
     assert adata.shape == (750, 134)
     assert list(adata.var_names) == list(_load("moffitt_scrna").var_names)
+
+
+def test_seqfish_embryo_and_its_disjoint_pair():
+    adata = _load("seqfish_embryo")
+    assert adata.shape == (14185, 351)
+    assert (adata.obs["z"] == 2).sum() == 7661 and adata.obs["cell_type"].nunique() == 23
+    assert adata.X.min() >= 0 and (np.diff(adata.X.indptr) > 0).all()
+    assert (np.minimum.reduceat(adata.X.data, adata.X.indptr[:-1]) == 1).all()  # the recipe's one assumption
+    cells, reference = stcore.data.seqfish_embryo_pair()
+    assert not set(cells.obs["cell_id"]) & set(reference.obs["cell_id"])  # no physical cell on both sides
+    assert abs(cells.n_obs - reference.n_obs) < 0.05 * cells.n_obs and "spatial" not in reference.obsm
+    assert set(cells.obs["cell_type"]) == set(reference.obs["cell_type"])
+    assert reference.obs["cell_type"].nunique() == 16
+
+
+def test_hippocampus_pair():
+    spots, reference = stcore.data.hippocampus_pair()
+    assert spots.shape == (313, 276) and reference.shape == (510, 307)
+    assert (reference.obs["cell_type"].value_counts() == 30).all() and reference.obs["cell_type"].nunique() == 17
+    assert len(spots.var_names.intersection(reference.var_names)) == 124
 
 
 def test_central_patch_is_contiguous():

@@ -21,7 +21,7 @@ def pair():
 
 def test_registry_lists_one_baseline_per_task():
     table = available()
-    assert {"leiden", "gmm", "nnls", "knn_impute", "knn_locate"} <= set(table["method"])
+    assert {"leiden", "gmm", "nnls", "knn_deconv", "knn_impute", "knn_locate"} <= set(table["method"])
     assert set(table["task"]) <= set(TASKS)
     assert set(available("deconv")["method"]) >= {"nnls"}
     with pytest.raises(ValueError, match="Unknown task"):
@@ -71,6 +71,23 @@ def test_nnls_recovers_planted_proportions(pair):
     rmse = np.sqrt(((pred.to_numpy() - truth.to_numpy()) ** 2).mean())
     uniform = np.sqrt(((1 / truth.shape[1] - truth.to_numpy()) ** 2).mean())
     assert rmse < 0.15 and rmse < 0.5 * uniform
+
+
+def test_knn_deconvolution_maps_pure_spots_and_beats_uniform(pair):
+    reference, _ = pair
+    pure = synthetic.pseudo_spots(reference, n_spots=60, cells_per_spot=(3, 6), n_types_per_spot=1, seed=4)
+    get_method("knn_deconv")(k=10).run(pure, reference)
+    pred = pure.obsm["proportions_knn_deconv"]
+    truth = pure.obsm["proportions"][pred.columns]
+    assert np.allclose(pred.sum(1), 1)
+    assert (pred.to_numpy().argmax(1) == truth.to_numpy().argmax(1)).mean() > 0.9
+    mixed = synthetic.pseudo_spots(reference, n_spots=200, cells_per_spot=(4, 10), seed=2)
+    get_method("knn_deconv")().run(mixed, reference)
+    err = mixed.obsm["proportions_knn_deconv"].to_numpy() - mixed.obsm["proportions"][pred.columns].to_numpy()
+    uniform = 1 / truth.shape[1] - mixed.obsm["proportions"].to_numpy()
+    assert np.sqrt((err ** 2).mean()) < 0.8 * np.sqrt((uniform ** 2).mean())
+    with pytest.raises(ValueError, match="positive number"):
+        get_method("knn_deconv")(k=0)
 
 
 def test_knn_imputation_predicts_hidden_genes(pair):

@@ -36,6 +36,7 @@ SOURCES = {
     "banksy_hypothalamus": ("prabhakarlab/Banksy", "3a310a384b1f553603c645df068c0efe1d40c280"),
     "her2st": ("almaan/her2st", "85df7411b987a7dec3feff9718b869a7a82091ec"),
     "spacexr": ("dmcable/spacexr", "744153c633da7ff70d0988308a160633fcf44af7"),
+    "clustsignal": ("SydneyBioX/clustSIGNAL", "7a89b484f29dbd90045a790123e37646feb6312c"),
 }
 
 

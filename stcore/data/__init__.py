@@ -14,9 +14,10 @@ from __future__ import annotations
 import importlib
 
 from .loaders import central_patch, fetch_upstream, info, list_datasets, load, names, upstream_files
-from .pairs import merfish_moffitt_pair
+from .pairs import hippocampus_pair, merfish_moffitt_pair, seqfish_embryo_pair
 
-__all__ = ["central_patch", "fetch_upstream", "info", "list_datasets", "load", "merfish_moffitt_pair", "names", "upstream_files"]
+__all__ = ["central_patch", "fetch_upstream", "hippocampus_pair", "info", "list_datasets", "load",
+           "merfish_moffitt_pair", "names", "seqfish_embryo_pair", "upstream_files"]
 
 
 def __getattr__(attr: str):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from .loaders import load
 
-__all__ = ["MERFISH_TO_SHARED", "REFERENCE_TO_SHARED", "merfish_moffitt_pair"]
+__all__ = ["MERFISH_TO_SHARED", "REFERENCE_TO_SHARED", "hippocampus_pair", "merfish_moffitt_pair",
+           "seqfish_embryo_pair"]
 
 #: MERFISH cell classes of Moffitt et al. (2018) -> the classes the scRNA-seq reference also has.
 MERFISH_TO_SHARED = {
@@ -37,3 +40,30 @@ def merfish_moffitt_pair():
     reference = reference[reference.obs["cell_type"].isin(list(REFERENCE_TO_SHARED))].copy()
     reference.obs["cell_type"] = reference.obs["cell_type"].map(REFERENCE_TO_SHARED).astype(str)
     return cells, reference
+
+
+def seqfish_embryo_pair(min_cells: int = 50, seed: int = 0):
+    """``(cells, reference)``: two disjoint halves of the seqFISH mouse embryo cells (optical section z2).
+
+    The physical cells (``obs["cell_id"]``) are split at random into two halves: one half keeps its positions
+    (``cells``, to be summed into grid spots), the other is the single-cell ``reference`` (its positions removed).
+    Cell types with fewer than ``min_cells`` cells in the section are dropped from both (with the default 50:
+    ``NMP``, ``Definitive endoderm``, ``Allantois``, ``ExE endoderm``, ``Blood progenitors``, 32 cells in all), so
+    that every type has cells on both sides.
+    """
+    embryo = load("seqfish_embryo")
+    section = embryo[embryo.obs["z"] == 2]
+    counts = section.obs["cell_type"].value_counts()
+    section = section[section.obs["cell_type"].isin(counts.index[counts >= min_cells])].copy()
+    section.obs["cell_type"] = section.obs["cell_type"].astype(str)
+    ids = np.unique(section.obs["cell_id"])
+    ref_ids = np.random.default_rng(seed).choice(ids, len(ids) // 2, replace=False)
+    in_ref = section.obs["cell_id"].isin(ref_ids).to_numpy()
+    reference = section[in_ref].copy()
+    del reference.obsm["spatial"]
+    return section[~in_ref].copy(), reference
+
+
+def hippocampus_pair():
+    """``(spots, reference)``: the real mouse hippocampus Visium spots and the Drop-seq reference (no truth)."""
+    return load("hippocampus_visium"), load("hippocampus_dropseq")

@@ -2,6 +2,7 @@
 
 * ``leiden`` / ``gmm`` (domains): expression only — HVGs -> log-normalise -> PCA -> clustering;
 * ``nnls`` (deconv): non-negative least squares of each spot on the reference's mean cell-type profiles;
+* ``knn_deconv`` (deconv): reference mapping — the cell types of each spot's most similar reference cells;
 * ``knn_impute`` (impute): average of the missing genes over the most similar reference cells;
 * ``knn_locate`` (locate): each reference cell placed at the mean position of its most similar spatial spots.
 """
@@ -19,14 +20,26 @@ from . import Method, register
 from ._common import coords_for_refinement, dense, embedding_to_domains, missing_genes, write_domains, write_frame
 
 
-def _log_profiles(adata, genes) -> np.ndarray:
-    """log1p(CP10k) of ``genes``, normalised on those genes only (so both datasets are on one scale)."""
+def _log_profiles(adata, genes, allow_empty: bool = False) -> np.ndarray:
+    """log1p(CP10k) of ``genes``, normalised on those genes only (so both datasets are on one scale); rows without
+    counts raise an error, or stay zero with ``allow_empty``."""
     X = dense(counts_matrix(adata[:, genes]))
     lib = X.sum(1, keepdims=True)
+    if allow_empty:
+        return np.log1p(X / np.maximum(lib, 1) * 1e4)
     if np.any(lib == 0):
         raise ValueError(f"{int((lib == 0).sum())} spots/cells have no counts on the shared genes; "
                          "filter them out first (e.g. sc.pp.filter_cells(adata, min_counts=1)).")
     return np.log1p(X / lib * 1e4)
+
+
+def _cosine_neighbours(query, ref, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` rows of ``ref`` most cosine-similar to each row of ``query``: ``(index, similarity)``, both
+    (n_query, k). Exact, through a k-d tree on unit vectors (``cos = 1 - d^2 / 2``); no query x ref matrix."""
+    unit = lambda A: A / np.maximum(np.linalg.norm(A, axis=1, keepdims=True), 1e-12)
+    k = min(k, len(ref))
+    dist, idx = cKDTree(unit(ref)).query(unit(query), k=k)
+    return idx.reshape(len(query), k), np.clip(1 - dist.reshape(len(query), k) ** 2 / 2, 1e-6, None)
 
 
 class _ExpressionDomains(Method):
@@ -102,6 +115,40 @@ class NNLSDeconvolution(Method):
 
 
 @register
+class KNNDeconvolution(Method):
+    r"""Reference mapping: a spot's proportions are the similarity-weighted cell-type shares of its ``k`` most
+    similar reference cells (cosine similarity of log-normalised shared genes),
+    :math:`\hat p_{sc} = \sum_{j \in N_k(s)} \cos(x_s, r_j)\,[t_j = c] / \sum_{j \in N_k(s)} \cos(x_s, r_j)`.
+
+    The simplest way of transferring labels from a reference: no model of mixing, so a spot of two types is
+    mapped to cells of whichever type it resembles more. A spot without counts on the shared genes gets uniform
+    proportions.
+    """
+
+    name = "knn_deconv"
+    task = "deconv"
+    summary = "reference mapping: types of the k most similar cells"
+    paper = "baseline"
+    needs_reference = True
+
+    def __init__(self, *, k: int = 20, cell_type_key: str = "cell_type"):
+        if not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k={k!r}: give a positive number of reference cells.")
+        self.k, self.cell_type_key = int(k), cell_type_key
+
+    def run(self, adata, reference=None):
+        self._check_reference(reference)
+        genes = shared_genes(adata, reference)
+        onehot = pd.get_dummies(cell_type_labels(reference, self.cell_type_key)).astype(float)
+        spots = _log_profiles(adata, genes, allow_empty=True)
+        idx, weight = _cosine_neighbours(spots, _log_profiles(reference, genes), self.k)
+        props = np.einsum("sk,skc->sc", weight, onehot.to_numpy()[idx]) / weight.sum(1, keepdims=True)
+        props[spots.sum(1) == 0] = 1.0 / props.shape[1]  # a spot without counts: uniform, as NNLS gives it
+        write_frame(adata, f"proportions_{self.key}", props, onehot.columns)
+        return adata
+
+
+@register
 class KNNImputation(Method):
     """Each spatial cell/spot takes the similarity-weighted mean of its ``k`` most similar reference cells
     (cosine similarity of log-normalised shared genes) for every gene it lacks."""
@@ -119,13 +166,7 @@ class KNNImputation(Method):
         self._check_reference(reference)
         shared = shared_genes(adata, reference)
         targets = missing_genes(adata, reference, self.genes)
-        query, ref = _log_profiles(adata, shared), _log_profiles(reference, shared)
-        query /= np.maximum(np.linalg.norm(query, axis=1, keepdims=True), 1e-12)
-        ref /= np.maximum(np.linalg.norm(ref, axis=1, keepdims=True), 1e-12)
-        k = min(self.k, reference.n_obs)
-        dist, idx = cKDTree(ref).query(query, k=k)
-        idx = idx.reshape(len(query), k)
-        weight = np.clip(1 - dist.reshape(len(query), k) ** 2 / 2, 1e-6, None)  # cosine similarity
+        idx, weight = _cosine_neighbours(_log_profiles(adata, shared), _log_profiles(reference, shared), self.k)
         target_counts = dense(counts_matrix(reference[:, targets]))
         lib = np.maximum(dense(counts_matrix(reference)).sum(1, keepdims=True), 1)
         target_expr = target_counts / lib * 1e4
@@ -152,13 +193,7 @@ class KNNLocation(Method):
         self._check_reference(reference)
         coords = spatial_coords(adata)
         shared = shared_genes(adata, reference)
-        spots, cells = _log_profiles(adata, shared), _log_profiles(reference, shared)
-        spots /= np.maximum(np.linalg.norm(spots, axis=1, keepdims=True), 1e-12)
-        cells /= np.maximum(np.linalg.norm(cells, axis=1, keepdims=True), 1e-12)
-        k = min(self.k, adata.n_obs)
-        dist, idx = cKDTree(spots).query(cells, k=k)
-        idx = idx.reshape(len(cells), k)
-        weight = np.clip(1 - dist.reshape(len(cells), k) ** 2 / 2, 1e-6, None)
+        idx, weight = _cosine_neighbours(_log_profiles(reference, shared), _log_profiles(adata, shared), self.k)
         out = reference.copy()
         out.obsm[f"spatial_{self.key}"] = (coords[idx] * weight[..., None]).sum(1) / weight.sum(1, keepdims=True)
         return out
