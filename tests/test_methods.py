@@ -88,6 +88,12 @@ def test_knn_deconvolution_maps_pure_spots_and_beats_uniform(pair):
     assert np.sqrt((err ** 2).mean()) < 0.8 * np.sqrt((uniform ** 2).mean())
     with pytest.raises(ValueError, match="positive number"):
         get_method("knn_deconv")(k=0)
+    silent = reference.copy()
+    X = silent.X.toarray() if hasattr(silent.X, "toarray") else np.array(silent.X)
+    X[0] = 0  # a reference cell without counts is left out, not an error
+    silent.X = X
+    out = get_method("knn_deconv")(k=10).run(pure.copy(), silent).obsm["proportions_knn_deconv"]
+    assert np.isfinite(out.to_numpy()).all() and np.allclose(out.sum(1), 1)
 
 
 def test_knn_imputation_predicts_hidden_genes(pair):

@@ -122,7 +122,7 @@ class KNNDeconvolution(Method):
 
     The simplest way of transferring labels from a reference: no model of mixing, so a spot of two types is
     mapped to cells of whichever type it resembles more. A spot without counts on the shared genes gets uniform
-    proportions.
+    proportions; reference cells without counts on them are left out.
     """
 
     name = "knn_deconv"
@@ -141,8 +141,13 @@ class KNNDeconvolution(Method):
         genes = shared_genes(adata, reference)
         onehot = pd.get_dummies(cell_type_labels(reference, self.cell_type_key)).astype(float)
         spots = _log_profiles(adata, genes, allow_empty=True)
-        idx, weight = _cosine_neighbours(spots, _log_profiles(reference, genes), self.k)
-        props = np.einsum("sk,skc->sc", weight, onehot.to_numpy()[idx]) / weight.sum(1, keepdims=True)
+        cells = _log_profiles(reference, genes, allow_empty=True)
+        measured = cells.sum(1) > 0  # a reference cell without counts on the shared genes matches nothing
+        if not measured.any():
+            raise ValueError("No reference cell has counts on the genes shared with the spots.")
+        idx, weight = _cosine_neighbours(spots, cells[measured], self.k)
+        types = onehot.to_numpy()[measured]
+        props = np.einsum("sk,skc->sc", weight, types[idx]) / weight.sum(1, keepdims=True)
         props[spots.sum(1) == 0] = 1.0 / props.shape[1]  # a spot without counts: uniform, as NNLS gives it
         write_frame(adata, f"proportions_{self.key}", props, onehot.columns)
         return adata
