@@ -36,6 +36,7 @@ __all__ = [
     "asw",
     "chaos",
     "deconvolution_scores",
+    "deconvolution_table",
     "domain_scores",
     "gene_prediction_scores",
     "homogeneity",
@@ -289,6 +290,23 @@ def deconvolution_scores(truth, pred, cell_types=None) -> pd.DataFrame:
         out = {"PCC": _pearson(t, p), "SSIM": _ssim(t, p), "RMSE": np.sqrt(((t - p) ** 2).mean(0)),
                "JSD": jensenshannon(t, p, axis=0)}
     return pd.DataFrame(out, index=pd.Index(names, name="cell_type"))
+
+
+def deconvolution_table(truth: pd.DataFrame, estimates: dict, *, per_spot_jsd: bool = False) -> pd.DataFrame:
+    """One row per estimate: the :func:`deconvolution_scores` averaged over cell types.
+
+    ``truth`` is a DataFrame (spots x cell types); each estimate is a DataFrame of proportions for the same spots,
+    its columns matched to ``truth`` by name (a type it lacks counts as 0). With ``per_spot_jsd`` a column
+    ``"JSD (per spot)"`` adds the mean of :func:`spot_jsd`.
+    """
+    rows = {}
+    for name, est in estimates.items():
+        pred = pd.DataFrame(est).reindex(columns=truth.columns, fill_value=0.0).to_numpy()
+        row = deconvolution_scores(truth.to_numpy(), pred, list(truth.columns)).mean()
+        if per_spot_jsd:
+            row["JSD (per spot)"] = float(np.nanmean(spot_jsd(truth.to_numpy(), pred)))
+        rows[name] = row
+    return pd.DataFrame(rows).T
 
 
 def spot_jsd(truth, pred, base: float | None = None) -> np.ndarray:

@@ -11,6 +11,7 @@ import pandas as pd
 from scipy import sparse
 
 __all__ = [
+    "reference_cell_types",
     "check_coords",
     "check_finite",
     "check_counts",
@@ -141,3 +142,13 @@ def cell_type_labels(reference, key: str = "cell_type") -> pd.Series:
     if labels.isna().any():
         raise ValueError(f"{int(labels.isna().sum())} reference cells have no {key!r}; drop them first.")
     return labels.astype(str)
+
+
+def reference_cell_types(reference, key: str = "cell_type") -> tuple[pd.Series, list[str]]:
+    """The reference's labels (:func:`cell_type_labels`) and its sorted cell types, at least two of them
+    (deconvolution has nothing to estimate with one)."""
+    labels = cell_type_labels(reference, key)
+    types = sorted(labels.unique())
+    if len(types) < 2:
+        raise ValueError(f"reference.obs[{key!r}] has {len(types)} cell type; deconvolution needs at least 2.")
+    return labels, types

@@ -3,7 +3,6 @@ hand computations; planted domains and proportions; determinism; input errors.""
 
 import anndata as ad
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F

@@ -1,7 +1,6 @@
 """The method registry and the baselines of each task, on synthetic data with planted answers."""
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from stcore import metrics

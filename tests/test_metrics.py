@@ -255,3 +255,16 @@ def test_neighbourhood_preservation():
     true = np.array([[0.0, 0], [1, 0], [2.1, 0], [3.3, 0]])   # break ties: 1->0, 2->1, 3->2
     pred = np.array([[0.0, 0], [1, 0], [3.3, 0], [2.1, 0]])   # 0->1, 1->0, 2->3, 3->1
     assert M.neighbourhood_preservation(true, pred, k=1) == pytest.approx(2 / 4)
+
+
+def test_deconvolution_table_averages_scores_over_types_and_matches_columns_by_name():
+    rng = np.random.default_rng(0)
+    truth = pd.DataFrame(rng.dirichlet(np.ones(3), 40), columns=["A", "B", "C"])
+    good = truth + rng.normal(0, 0.02, truth.shape)
+    shuffled = good[["C", "A"]]  # another column order, one type missing (counted as 0)
+    table = M.deconvolution_table(truth, {"good": good, "partial": shuffled}, per_spot_jsd=True)
+    assert list(table.index) == ["good", "partial"]
+    assert list(table.columns) == ["PCC", "SSIM", "RMSE", "JSD", "JSD (per spot)"]
+    expected = M.deconvolution_scores(truth.to_numpy(), good.to_numpy(), ["A", "B", "C"]).mean()
+    np.testing.assert_allclose(table.loc["good", ["PCC", "SSIM", "RMSE", "JSD"]].to_numpy(float), expected.to_numpy())
+    assert table.loc["partial", "RMSE"] > table.loc["good", "RMSE"]

@@ -5,7 +5,7 @@
 
 ``hippocampus`` runs ``stcore run METHOD data/hippocampus_visium.h5ad --reference data/hippocampus_dropseq.h5ad``
 for each method (the command line a user would type), writing ``results/hippocampus/<method>.h5ad``.
-``collect`` writes ``book/results/deconv_benchmark.csv`` (every run of ``results/deconv*/deconv.csv`` on the two
+``collect`` writes ``book/results/deconv_benchmark.csv`` (every run of ``results/deconv*/*/deconv.csv`` on the two
 gridded datasets), ``deconv_100k.csv`` (the 100,000-spot runs) and ``hippocampus_proportions.csv`` (one row per
 method and spot, one column per cell type).
 """
@@ -37,7 +37,7 @@ def hippocampus(methods: list[str]) -> None:
 
 def collect() -> None:
     BOOK.mkdir(parents=True, exist_ok=True)
-    runs = pd.concat([pd.read_csv(f) for f in sorted(RESULTS.glob("deconv*/deconv.csv"))], ignore_index=True)
+    runs = pd.concat([pd.read_csv(f) for f in sorted(RESULTS.glob("deconv*/*/deconv.csv"))], ignore_index=True)
     runs = runs.drop_duplicates(["method", "dataset", "seed", "options"], keep="last")
     big = runs["dataset"] == "synthetic_100k"
     runs[~big].to_csv(BOOK / "deconv_benchmark.csv", index=False)

@@ -194,12 +194,7 @@ get_method("nnls")().run(spots, reference)
 flat = pd.DataFrame(np.tile(prep["props"].mean(0), (n_s, 1)), index=spots.obs_names, columns=prep["types"])
 
 def deconv_table(estimates):
-    rows = {}
-    for name, est in estimates.items():
-        est = est.reindex(columns=truth.columns, fill_value=0.0).to_numpy()
-        s = metrics.deconvolution_scores(truth.to_numpy(), est, list(truth.columns)).mean()
-        rows[name] = {**s.to_dict(), "JSD (per spot)": np.nanmean(metrics.spot_jsd(truth.to_numpy(), est))}
-    return pd.DataFrame(rows).T.round(3)
+    return metrics.deconvolution_table(truth, estimates, per_spot_jsd=True).round(3)
 
 scores = deconv_table({"DSTG": spots.obsm["proportions_dstg"], "NNLS": spots.obsm["proportions_nnls"],
                        "mean pseudo-spot": flat})

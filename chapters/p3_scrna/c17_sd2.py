@@ -225,12 +225,7 @@ est["NNLS"] = get_method("nnls")().run(spots.copy(), reference).obsm["proportion
 
 # %%
 def deconv_table(estimates):
-    rows = {}
-    for name, e in estimates.items():
-        e = e.reindex(columns=truth.columns, fill_value=0.0).to_numpy()
-        s = metrics.deconvolution_scores(truth.to_numpy(), e, list(truth.columns)).mean()
-        rows[name] = {**s.to_dict(), "JSD (per spot)": np.nanmean(metrics.spot_jsd(truth.to_numpy(), e))}
-    return pd.DataFrame(rows).T.round(3)
+    return metrics.deconvolution_table(truth, estimates, per_spot_jsd=True).round(3)
 
 scores = deconv_table(est)
 scores

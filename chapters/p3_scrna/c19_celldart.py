@@ -242,11 +242,7 @@ estimates["NNLS"] = spots.obsm["proportions_nnls"]
 # over types, and how separable the two domains remain in each embedding.
 
 # %%
-def scores(est):
-    est = est.reindex(columns=truth.columns, fill_value=0.0).to_numpy()
-    return metrics.deconvolution_scores(truth.to_numpy(), est, list(truth.columns)).mean()
-
-table = pd.DataFrame({name: scores(est) for name, est in estimates.items()}).T
+table = metrics.deconvolution_table(truth, estimates)
 table["domain separability"] = [domain_separability(net.embed(x_pseudo).numpy(), net.embed(prep["x_real"]).numpy())
                                 for net in nets.values()] + [np.nan]
 table.round(3)
@@ -348,7 +344,8 @@ p10 = pd.DataFrame(cd.CellDART(**small).train(prep, pretrained).predict(prep["x_
                    index=spots.obs_names, columns=prep["types"])
 print(f"mean largest proportion: nmix=10 {prep['y_pseudo'].max(1).mean():.2f}, nmix=30 "
       f"{prep30['y_pseudo'].max(1).mean():.2f}, real {truth.to_numpy().max(1).mean():.2f}")
-print(f"PCC: nmix=10 {scores(p10)['PCC']:.3f}, nmix=30 {scores(p30)['PCC']:.3f}")
+pcc = metrics.deconvolution_table(truth, {"nmix=10": p10, "nmix=30": p30})["PCC"]
+print(f"PCC: nmix=10 {pcc['nmix=10']:.3f}, nmix=30 {pcc['nmix=30']:.3f}")
 
 # %% [markdown]
 # More cells per pseudo-spot make the labels flatter (each type's share is closer to its frequency in the

@@ -232,11 +232,6 @@ def proportions(P, retain=0.1):
                         columns=prep["cell_types"])
 
 
-def scores(est):
-    est = est.reindex(columns=truth.columns, fill_value=0.0).to_numpy()
-    return metrics.deconvolution_scores(truth.to_numpy(), est, list(truth.columns)).mean()
-
-
 with torch.no_grad():
     P = mapper.probabilities()
 estimates = {"GraphST": proportions(P)}
@@ -244,7 +239,7 @@ nnls_spots = get_method("nnls")().run(spots.copy(), reference)
 estimates["NNLS"] = nnls_spots.obsm["proportions_nnls"]
 estimates["mean composition"] = pd.DataFrame(np.tile(truth.mean().to_numpy(), (len(truth), 1)),
                                              index=truth.index, columns=truth.columns)
-deconv_table = pd.DataFrame({name: scores(est) for name, est in estimates.items()}).T
+deconv_table = metrics.deconvolution_table(truth, estimates)
 deconv_table.round(3)
 
 # %%
@@ -289,7 +284,7 @@ fig.tight_layout()
 # ```
 
 # %%
-sweep = pd.DataFrame({f"{r:.0%}": scores(proportions(P, r)) for r in (0.01, 0.05, 0.1, 0.5)}).T
+sweep = metrics.deconvolution_table(truth, {f"{r:.0%}": proportions(P, r) for r in (0.01, 0.05, 0.1, 0.5)})
 print(sweep.round(3))
 assert np.isfinite(sweep.to_numpy()).all()
 

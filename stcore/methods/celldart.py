@@ -100,7 +100,7 @@ from scipy import sparse
 from torch import nn
 
 from ..train import fit, set_seed
-from ..validation import cell_type_labels, counts_matrix, shared_genes
+from ..validation import cell_type_labels, counts_matrix, reference_cell_types, shared_genes
 from . import Method, register
 from ._common import write_frame
 
@@ -412,11 +412,7 @@ class CellDART(Method):
         """Steps 1–4: marker genes, pseudo-spots and the scaled inputs of both domains."""
         self._check_reference(reference)
         genes = shared_genes(adata, reference)
-        labels = cell_type_labels(reference, self.cell_type_key)
-        types = sorted(labels.unique())
-        if len(types) < 2:
-            raise ValueError(f"The reference has {len(types)} cell type in obs[{self.cell_type_key!r}]; "
-                             "deconvolution needs at least 2.")
+        labels, types = reference_cell_types(reference, self.cell_type_key)
         spots_norm = normalize_total(counts_matrix(adata))  # over all spatial genes, as the official code
         ref_norm = normalize_total(counts_matrix(reference))
         markers = marker_genes(reference, self.cell_type_key, self.num_markers, genes=genes)

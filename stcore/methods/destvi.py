@@ -110,7 +110,7 @@ from torch import Tensor, nn
 
 from ..nn import gaussian_kl, nb_log_prob
 from ..train import fit, set_seed
-from ..validation import cell_type_labels, counts_matrix, shared_genes
+from ..validation import counts_matrix, reference_cell_types, shared_genes
 from . import Method, register
 from ._common import write_frame
 
@@ -462,11 +462,7 @@ class DestVI(Method):
         """Step 1: shared genes, CSR float32 counts of both datasets and integer type codes."""
         self._check_reference(reference)
         genes = shared_genes(adata, reference)
-        labels = cell_type_labels(reference, self.cell_type_key)
-        types = sorted(labels.unique())
-        if len(types) < 2:
-            raise ValueError(f"The reference has {len(types)} cell type in obs[{self.cell_type_key!r}]; "
-                             "deconvolution needs at least 2.")
+        labels, types = reference_cell_types(reference, self.cell_type_key)
         ref = sparse.csr_matrix(counts_matrix(reference)[:, reference.var_names.get_indexer(genes)],
                                 dtype=np.float32)
         spots = sparse.csr_matrix(counts_matrix(adata)[:, adata.var_names.get_indexer(genes)], dtype=np.float32)
@@ -531,7 +527,9 @@ class DestVI(Method):
 
     # ------------------------------------------------------------------ outputs
     @torch.no_grad()
-    def _encode_spots(self, model: DestVIModel, X) -> tuple[np.ndarray, np.ndarray]:
+    def encode_spots(self, model: DestVIModel, X) -> tuple[np.ndarray, np.ndarray]:
+        """Abundances :math:`\\beta` (n, C + 1) and states :math:`\\gamma` (n, C, L) of the spots ``X`` (CSR counts
+        of the fitted genes), in chunks of 4,096 spots."""
         model.eval()
         beta, gamma = [], []
         for s in range(0, X.shape[0], 4096):
@@ -544,7 +542,7 @@ class DestVI(Method):
         prep = self.prepare(adata, reference)
         sc_model = self.train_reference(prep)
         model = self.train_spatial(prep, sc_model)
-        beta, gamma = self._encode_spots(model, prep["x_spots"])
+        beta, gamma = self.encode_spots(model, prep["x_spots"])
         props = beta[:, :-1] / beta[:, :-1].sum(1, keepdims=True)
         write_frame(adata, f"proportions_{self.key}", props, prep["types"])
         adata.obs[f"noise_{self.key}"] = (beta[:, -1] / beta.sum(1)).astype(np.float32)

@@ -92,7 +92,7 @@ from torch import nn
 from .. import graphs
 from ..nn import GCNStack
 from ..train import fit, set_seed
-from ..validation import cell_type_labels, counts_matrix, shared_genes
+from ..validation import counts_matrix, reference_cell_types, shared_genes
 from . import Method, register
 from ._common import dense, write_frame
 
@@ -429,11 +429,7 @@ class DSTG(Method):
         """Validate the inputs, pick the ANOVA genes and mix the pseudo-spots. Returns a dict."""
         self._check_reference(reference)
         genes = shared_genes(adata, reference, min_genes=2)
-        labels = cell_type_labels(reference, self.cell_type_key)
-        types = sorted(pd.unique(labels))
-        if len(types) < 2:
-            raise ValueError(f"reference.obs[{self.cell_type_key!r}] has {len(types)} cell type; deconvolution "
-                             "needs at least 2.")
+        labels, types = reference_cell_types(reference, self.cell_type_key)
         codes = pd.Categorical(labels, categories=types).codes
         ref = sparse.csr_matrix(counts_matrix(reference[:, genes]), dtype=np.float64)
         spots = sparse.csr_matrix(counts_matrix(adata[:, genes]), dtype=np.float64)
@@ -485,10 +481,14 @@ class DSTG(Method):
                 "train": idx(train), "val": idx(val), "test": idx(test), "real": torch.arange(n_p, n_p + n_r)}
 
     # -- steps 6-8 ------------------------------------------------------------------------------------------
-    def train_model(self, data: dict, epochs: int | None = None) -> DSTGModel:
+    def build_model(self, data: dict) -> nn.Module:
+        """The untrained GCN for the node features and labels of ``data``."""
+        return DSTGModel(data["x"].shape[1], data["y"].shape[1], self.n_hidden, self.dropout)
+
+    def train_model(self, data: dict, epochs: int | None = None) -> nn.Module:
         """Full-batch Adam with the official early-stopping rule; sets ``history_`` and ``val_loss_``."""
         set_seed(self.seed)
-        model = DSTGModel(data["x"].shape[1], data["y"].shape[1], self.n_hidden, self.dropout)
+        model = self.build_model(data)
         val_loss: list[float] = []
         patience = self.early_stopping
 
@@ -499,7 +499,8 @@ class DSTG(Method):
             return early_stop(val_loss, patience)
 
         self.history_ = fit(model, data, epochs=self.epochs if epochs is None else epochs, lr=self.lr,
-                            weight_decay=self.weight_decay, callback=check, progress=self.progress, desc="DSTG")
+                            weight_decay=self.weight_decay, callback=check, progress=self.progress,
+                            desc=type(self).__name__)
         self.val_loss_ = val_loss
         return model
 

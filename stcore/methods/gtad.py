@@ -110,7 +110,7 @@ from torch_geometric.utils import softmax as edge_softmax
 
 from .. import graphs
 from ..train import fit, set_seed
-from ..validation import cell_type_labels, counts_matrix, shared_genes
+from ..validation import counts_matrix, reference_cell_types, shared_genes
 from . import Method, register
 from ._common import write_frame
 from .celldart import marker_genes
@@ -568,11 +568,7 @@ class GTAD(Method):
         """Validate the inputs, pick the marker genes and mix the pseudo-spots. Returns a dict."""
         self._check_reference(reference)
         genes = shared_genes(adata, reference, min_genes=2)
-        labels = cell_type_labels(reference, self.cell_type_key)
-        types = sorted(pd.unique(labels))
-        if len(types) < 2:
-            raise ValueError(f"reference.obs[{self.cell_type_key!r}] has {len(types)} cell type; deconvolution "
-                             "needs at least 2.")
+        labels, types = reference_cell_types(reference, self.cell_type_key)
         markers = marker_genes(reference, self.cell_type_key, self.n_markers, genes=genes)
         if len(markers) < 2:
             raise ValueError(f"Only {len(markers)} of the top-{self.n_markers} marker genes per type are measured "

@@ -100,11 +100,11 @@ from torch import nn
 from .. import graphs
 from ..nn import MLP, GCNStack
 from ..train import fit, set_seed
-from ..validation import cell_type_labels, counts_matrix, shared_genes, spatial_coords
+from ..validation import counts_matrix, reference_cell_types, shared_genes, spatial_coords
 from . import register
 from ._common import write_frame
-from .dstg import (DSTG, DSTGModel, _l2_rows, anova_genes, dstg_graph, early_stop, filter_pairs, log_normalize,
-                   mix_pseudo_spots, scale_data, soft_cross_entropy)
+from .dstg import (DSTG, DSTGModel, _l2_rows, anova_genes, dstg_graph, filter_pairs, log_normalize,
+                   mix_pseudo_spots, scale_data)
 
 __all__ = [
     "SD2",
@@ -356,11 +356,7 @@ class SD2(DSTG):
         """Validate the inputs, select dropout + ANOVA genes, mix pseudo-spots and normalise. Returns a dict."""
         self._check_reference(reference)
         genes = shared_genes(adata, reference, min_genes=2)
-        labels = cell_type_labels(reference, self.cell_type_key)
-        types = sorted(pd.unique(labels))
-        if len(types) < 2:
-            raise ValueError(f"reference.obs[{self.cell_type_key!r}] has {len(types)} cell type; deconvolution "
-                             "needs at least 2.")
+        labels, types = reference_cell_types(reference, self.cell_type_key)
         coords = spatial_coords(adata, self.spatial_key) if self.spatial_links else None
         codes = pd.Categorical(labels, categories=types).codes
         ref = sparse.csr_matrix(counts_matrix(reference[:, genes]), dtype=np.float64)
@@ -413,24 +409,9 @@ class SD2(DSTG):
                 "val": val, "test": val, "real": torch.arange(n_p, n_p + n_r)}
 
     # -- steps 7-8 ------------------------------------------------------------------------------------------
-    def train_model(self, data: dict, epochs: int | None = None) -> SD2Model:
-        """Full-batch Adam with the early-stopping rule (window ``early_stopping``); sets ``history_`` and
-        ``val_loss_``."""
-        set_seed(self.seed)
-        model = SD2Model(data["x"].shape[1], data["y"].shape[1], self.dropout)
-        val_loss: list[float] = []
-        patience = self.early_stopping
-
-        def check(epoch, terms):
-            model.eval()
-            with torch.no_grad():
-                val_loss.append(float(soft_cross_entropy(model(data)[data["val"]], data["y"][data["val"]])))
-            return early_stop(val_loss, patience)
-
-        self.history_ = fit(model, data, epochs=self.epochs if epochs is None else epochs, lr=self.lr,
-                            weight_decay=self.weight_decay, callback=check, progress=self.progress, desc="SD2")
-        self.val_loss_ = val_loss
-        return model
+    def build_model(self, data: dict) -> SD2Model:
+        """The untrained one-layer GCN (training: :meth:`DSTG.train_model`, window ``early_stopping``)."""
+        return SD2Model(data["x"].shape[1], data["y"].shape[1], self.dropout)
 
     def run(self, adata, reference=None):
         prep = self.prepare(adata, reference)
