@@ -47,19 +47,21 @@ bench-histology: ## the ST + histology comparison (book/results/), with and with
 	$(BIN)/python -c "import glob, pandas as pd; pd.concat(map(pd.read_csv, sorted(glob.glob( \
 		'results/histology_100k/*/domains.csv')))).to_csv('book/results/histology_100k.csv', index=False)"
 
-DECONV := nnls knn_deconv dstg sd2 destvi graphst_deconv gtad celldart
 # method:options — official defaults except GTAD's epochs (1,000 official; about 2 s per epoch on 2 CPU cores)
 DECONV_RUNS := "nnls:" "knn_deconv:" "dstg:" "sd2:" "destvi:" "graphst_deconv:" "gtad:epochs=150" "celldart:"
-DECONV_100K := "nnls:" "knn_deconv:" "dstg:" "sd2:" "destvi:sc_epochs=30,st_epochs=20" \
+DECONV_100K := "nnls:" "knn_deconv:" "dstg:" "sd2:" "destvi:st_epochs=20" \
 	"graphst_deconv:epochs=100,sc_epochs=100,map_epochs=50" "gtad:epochs=20" "celldart:"
-bench-deconv: ## the ST + scRNA-seq deconvolution comparison (book/results/): two gridded datasets x 3 seeds, 100k spots, hippocampus maps
+bench-deconv: ## the ST + scRNA-seq deconvolution comparison (book/results/): two gridded datasets x 3 seeds, 100k spots, hippocampus maps, GraphST domains
 	for run in $(DECONV_RUNS); do \
 		OMP_NUM_THREADS=1 $(BIN)/stcore bench deconv --methods "$${run%%:*}" --seeds 0,1,2 --options "$${run#*:}" \
 			--out "results/deconv/$${run%%:*}" || exit 1; done
+	OMP_NUM_THREADS=1 $(BIN)/stcore bench deconv --methods destvi --seeds 0,1,2 --options standardize_input=false \
+		--out results/deconv/destvi_raw_input
 	for run in $(DECONV_100K); do \
 		OMP_NUM_THREADS=1 $(BIN)/stcore bench deconv --methods "$${run%%:*}" --datasets synthetic_100k --seeds 0 \
 			--options "$${run#*:}" --out "results/deconv_100k/$${run%%:*}" || exit 1; done
-	OMP_NUM_THREADS=1 $(BIN)/python tools/deconv_results.py hippocampus $(shell echo $(DECONV) | tr ' ' ',')
+	OMP_NUM_THREADS=1 $(BIN)/python tools/deconv_results.py hippocampus $(DECONV_RUNS)
+	OMP_NUM_THREADS=1 $(BIN)/stcore bench domains --methods graphst --seeds 0,1,2 --out results/graphst_domains
 	$(BIN)/python tools/deconv_results.py collect
 
 student: ## workshop copies of the chapters, solutions removed, in build/student/

@@ -1,13 +1,14 @@
 """Collect the deconvolution comparison into ``book/results/`` (used by ``make bench-deconv``).
 
-    python tools/deconv_results.py hippocampus nnls,dstg,...   # stcore run each method on the real Visium pair
+    python tools/deconv_results.py hippocampus nnls dstg gtad:epochs=150 ...   # stcore run each on the Visium pair
     python tools/deconv_results.py collect                     # merge the leaderboards and the hippocampus maps
 
 ``hippocampus`` runs ``stcore run METHOD data/hippocampus_visium.h5ad --reference data/hippocampus_dropseq.h5ad``
 for each method (the command line a user would type), writing ``results/hippocampus/<method>.h5ad``.
 ``collect`` writes ``book/results/deconv_benchmark.csv`` (every run of ``results/deconv*/*/deconv.csv`` on the two
-gridded datasets), ``deconv_100k.csv`` (the 100,000-spot runs) and ``hippocampus_proportions.csv`` (one row per
-method and spot, one column per cell type).
+gridded datasets), ``deconv_100k.csv`` (the 100,000-spot runs), ``hippocampus_proportions.csv`` (one row per
+method and spot, one column per cell type) and ``graphst_domains.csv`` (GraphST's spatial domains on DLPFC, from
+``stcore bench domains --methods graphst``).
 """
 
 from __future__ import annotations
@@ -25,13 +26,19 @@ RESULTS, BOOK = REPO / "results", REPO / "book" / "results"
 SPOTS, REFERENCE = REPO / "data" / "hippocampus_visium.h5ad", REPO / "data" / "hippocampus_dropseq.h5ad"
 
 
-def hippocampus(methods: list[str]) -> None:
+def hippocampus(runs: list[str]) -> None:
+    """``runs``: ``method`` or ``method:key=value,...`` (the options become ``--key value`` flags)."""
     out = RESULTS / "hippocampus"
     out.mkdir(parents=True, exist_ok=True)
-    for method in methods:
+    for run in runs:
+        method, _, options = run.partition(":")
+        flags = []
+        for pair in filter(None, options.split(",")):
+            key, value = pair.split("=")
+            flags += [f"--{key.replace('_', '-')}", value]
         start = time.perf_counter()
         subprocess.run([sys.executable, "-m", "stcore.cli", "run", method, str(SPOTS), "--reference", str(REFERENCE),
-                        "-o", str(out / f"{method}.h5ad")], check=True)
+                        "-o", str(out / f"{method}.h5ad"), *flags], check=True)
         print(f"{method}: {time.perf_counter() - start:.0f} s")
 
 
@@ -50,12 +57,15 @@ def collect() -> None:
         props.insert(0, "method", file.stem)
         maps.append(props)
     pd.concat(maps, ignore_index=True).to_csv(BOOK / "hippocampus_proportions.csv", index=False, float_format="%.4g")
+    domains = RESULTS / "graphst_domains" / "domains.csv"
+    if domains.exists():
+        pd.read_csv(domains).to_csv(BOOK / "graphst_domains.csv", index=False)
     print(f"{len(runs)} runs and {len(maps)} hippocampus maps written to {BOOK}")
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["hippocampus"] and len(sys.argv) == 3:
-        hippocampus(sys.argv[2].split(","))
+    if sys.argv[1:2] == ["hippocampus"] and len(sys.argv) > 2:
+        hippocampus(sys.argv[2:])
     elif sys.argv[1:] == ["collect"]:
         collect()
     else:
