@@ -174,8 +174,8 @@ def mmd(
     where bars are means over all pairs (diagonals included). With ``bandwidths=None`` the kernel widths
     follow the data as in DAN / STEM: :math:`2\sigma_s^2 = \gamma\,m^{s - \lfloor K/2 \rfloor}`, s = 0..K-1,
     with :math:`\gamma` the mean squared distance between distinct rows of [x; y], m = ``kernel_mul``, K =
-    ``kernel_num`` (gradients flow through :math:`\gamma`, as in STEM). Dense in n_x + n_y: subsample large
-    sets (STEM uses 1000 cells).
+    ``kernel_num``; gradients flow through :math:`\gamma` (STEM's official code holds it constant, as
+    :func:`stcore.methods.stem.stem_mmd` does). Dense in n_x + n_y: subsample large sets (STEM uses 1000 cells).
 
     Parameters
     ----------
