@@ -47,7 +47,7 @@ import pandas as pd
 
 from . import config
 
-__all__ = ["TASK_DATASETS", "run", "run_one", "format_table", "summarise"]
+__all__ = ["TASK_DATASETS", "format_table", "impute_folds", "load_task_data", "run", "run_one", "summarise"]
 
 TASK_DATASETS = {
     "domains": ["dlpfc_151673", "dlpfc_151674"],
@@ -172,11 +172,16 @@ def _score_deconv(result, method_name, truth):
     return deconvolution_scores(truth.to_numpy(), pred.to_numpy(), list(truth.columns)).mean().to_dict()
 
 
+def impute_folds(genes, n_folds: int = 5, seed: int = 0) -> list[np.ndarray]:
+    """The imputation protocol's gene folds: ``genes`` shuffled with ``seed`` and split into ``n_folds`` parts of
+    (nearly) equal size; each fold in turn is hidden from the spatial data and predicted."""
+    return np.array_split(np.random.default_rng(seed).permutation(np.asarray(genes)), n_folds)
+
+
 def _run_impute(cls, options, spatial, reference, seed, n_folds):
     from .metrics import gene_prediction_scores
 
-    genes = np.array(spatial.var_names)
-    folds = np.array_split(np.random.default_rng(seed).permutation(genes), n_folds)
+    folds = impute_folds(spatial.var_names, n_folds, seed)
     per_gene = []
     for fold in folds:
         visible = spatial[:, ~spatial.var_names.isin(fold)].copy()

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["History", "fit", "set_seed", "to_device"]
+__all__ = ["History", "fit", "kl_warmup", "set_seed", "to_device"]
 
 
 def set_seed(seed: int) -> None:
@@ -27,6 +27,13 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def kl_warmup(epoch: int, n_epochs: int | None) -> float:
+    """KL weight at ``epoch`` (0-based) of a linear warm-up from 0 to 1 over ``n_epochs`` (``None``/0: always 1)."""
+    if not n_epochs:
+        return 1.0
+    return min(1.0, epoch / n_epochs)
 
 
 def to_device(batch, device):

@@ -6,11 +6,16 @@ from deep inside torch.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 from scipy import sparse
 
 __all__ = [
+    "rows_with_counts",
+    "check_float",
+    "check_int",
     "reference_cell_types",
     "check_coords",
     "check_finite",
@@ -142,6 +147,38 @@ def cell_type_labels(reference, key: str = "cell_type") -> pd.Series:
     if labels.isna().any():
         raise ValueError(f"{int(labels.isna().sum())} reference cells have no {key!r}; drop them first.")
     return labels.astype(str)
+
+
+def check_int(name: str, value, minimum: int = 1) -> int:
+    """``value`` as an int, with a clear error unless it is an integer >= ``minimum`` (``True``/``False`` refused)."""
+    if isinstance(value, bool) or not float(value).is_integer() or value < minimum:
+        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}.")
+    return int(value)
+
+
+def check_float(name: str, value, *, positive: bool = False, below_one: bool = False) -> float:
+    """``value`` as a finite float >= 0 (> 0 with ``positive``, < 1 with ``below_one``), else a clear error."""
+    value = float(value)
+    if not np.isfinite(value) or value < 0 or (positive and value == 0) or (below_one and value >= 1):
+        kind = "in [0, 1)" if below_one else ("positive" if positive else "non-negative")
+        raise ValueError(f"{name}={value!r} must be a finite {kind} number.")
+    return value
+
+
+def rows_with_counts(X, what: str, genes: str = "genes shared by the spatial data and the reference") -> np.ndarray:
+    """Indices of the rows of the (sparse or dense) count matrix ``X`` with at least one count.
+
+    Warns about the others (a model of counts cannot train on them: an NB or Poisson rate of 0 has no defined
+    likelihood) and raises when no row has counts. ``what`` names the rows and ``genes`` the columns in the messages.
+    """
+    keep = np.flatnonzero(np.asarray(X.sum(1)).ravel() > 0)
+    if len(keep) == 0:
+        raise ValueError(f"No {what} has counts on the {genes}; check that both datasets hold raw counts of the "
+                         "same genes.")
+    if len(keep) < X.shape[0]:
+        warnings.warn(f"{X.shape[0] - len(keep)} {what} have no counts on the {genes} and are left out of "
+                      "training.", stacklevel=3)
+    return keep
 
 
 def reference_cell_types(reference, key: str = "cell_type") -> tuple[pd.Series, list[str]]:

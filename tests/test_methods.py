@@ -131,3 +131,14 @@ def test_reference_methods_require_a_reference(pair):
     _, spatial = pair
     with pytest.raises(ValueError, match="--reference"):
         get_method("nnls")().run(spatial)
+
+
+def test_knn_imputation_leaves_out_reference_cells_without_shared_counts(pair):
+    reference, spatial = pair
+    shared = [g for g in spatial.var_names if g in reference.var_names]
+    silent = reference.copy()
+    X = silent.X.toarray() if hasattr(silent.X, "toarray") else np.array(silent.X)
+    X[0, silent.var_names.get_indexer(shared)] = 0
+    silent.X = X
+    out = get_method("knn_impute")(k=10).run(spatial.copy(), silent).obsm["imputed_knn_impute"]
+    assert np.isfinite(out.to_numpy()).all()

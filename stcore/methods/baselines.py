@@ -42,6 +42,16 @@ def _cosine_neighbours(query, ref, k: int) -> tuple[np.ndarray, np.ndarray]:
     return idx.reshape(len(query), k), np.clip(1 - dist.reshape(len(query), k) ** 2 / 2, 1e-6, None)
 
 
+def _measured_cells(reference, genes) -> tuple[np.ndarray, np.ndarray]:
+    """``(profiles, rows)``: :func:`_log_profiles` of the reference cells with counts on ``genes`` and their row
+    indices; a cell without such counts resembles nothing and is left out."""
+    cells = _log_profiles(reference, genes, allow_empty=True)
+    rows = np.flatnonzero(cells.sum(1) > 0)
+    if len(rows) == 0:
+        raise ValueError("No reference cell has counts on the genes shared with the spatial data.")
+    return cells[rows], rows
+
+
 class _ExpressionDomains(Method):
     task = "domains"
     paper = "baseline"
@@ -141,12 +151,9 @@ class KNNDeconvolution(Method):
         genes = shared_genes(adata, reference)
         onehot = pd.get_dummies(cell_type_labels(reference, self.cell_type_key)).astype(float)
         spots = _log_profiles(adata, genes, allow_empty=True)
-        cells = _log_profiles(reference, genes, allow_empty=True)
-        measured = cells.sum(1) > 0  # a reference cell without counts on the shared genes matches nothing
-        if not measured.any():
-            raise ValueError("No reference cell has counts on the genes shared with the spots.")
-        idx, weight = _cosine_neighbours(spots, cells[measured], self.k)
-        types = onehot.to_numpy()[measured]
+        cells, rows = _measured_cells(reference, genes)
+        idx, weight = _cosine_neighbours(spots, cells, self.k)
+        types = onehot.to_numpy()[rows]
         props = np.einsum("sk,skc->sc", weight, types[idx]) / weight.sum(1, keepdims=True)
         props[spots.sum(1) == 0] = 1.0 / props.shape[1]  # a spot without counts: uniform, as NNLS gives it
         write_frame(adata, f"proportions_{self.key}", props, onehot.columns)
@@ -156,7 +163,8 @@ class KNNDeconvolution(Method):
 @register
 class KNNImputation(Method):
     """Each spatial cell/spot takes the similarity-weighted mean of its ``k`` most similar reference cells
-    (cosine similarity of log-normalised shared genes) for every gene it lacks."""
+    (cosine similarity of log-normalised shared genes) for every gene it lacks; reference cells without counts on
+    the shared genes are left out."""
 
     name = "knn_impute"
     task = "impute"
@@ -171,9 +179,10 @@ class KNNImputation(Method):
         self._check_reference(reference)
         shared = shared_genes(adata, reference)
         targets = missing_genes(adata, reference, self.genes)
-        idx, weight = _cosine_neighbours(_log_profiles(adata, shared), _log_profiles(reference, shared), self.k)
-        target_counts = dense(counts_matrix(reference[:, targets]))
-        lib = np.maximum(dense(counts_matrix(reference)).sum(1, keepdims=True), 1)
+        cells, rows = _measured_cells(reference, shared)
+        idx, weight = _cosine_neighbours(_log_profiles(adata, shared), cells, self.k)
+        target_counts = dense(counts_matrix(reference[rows][:, targets]))
+        lib = np.maximum(dense(counts_matrix(reference[rows])).sum(1, keepdims=True), 1)
         target_expr = target_counts / lib * 1e4
         pred = (target_expr[idx] * weight[..., None]).sum(1) / weight.sum(1, keepdims=True)
         write_frame(adata, f"imputed_{self.key}", pred, targets)

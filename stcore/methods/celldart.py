@@ -100,7 +100,7 @@ from scipy import sparse
 from torch import nn
 
 from ..train import fit, set_seed
-from ..validation import cell_type_labels, counts_matrix, reference_cell_types, shared_genes
+from ..validation import cell_type_labels, check_int, counts_matrix, reference_cell_types, shared_genes
 from . import Method, register
 from ._common import write_frame
 
@@ -342,12 +342,6 @@ class CellDARTModel(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------- the method
-def _check_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not float(value).is_integer() or value < minimum:
-        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}.")
-    return int(value)
-
-
 def _draw(n: int, size: int, gen: torch.Generator) -> torch.Tensor:
     """``size`` indices out of ``n``: without replacement when possible, else with replacement."""
     if n >= size:
@@ -397,13 +391,13 @@ class CellDART(Method):
                 raise ValueError(f"{name_}={value!r} must be a finite {'non-negative' if name_ == 'alpha' else 'positive'}"
                                  " number.")
         self.cell_type_key, self.adaptation = cell_type_key, adaptation
-        self.num_markers = _check_int("num_markers", num_markers)
-        self.npseudo = _check_int("npseudo", npseudo, 2)
-        self.nmix = _check_int("nmix", nmix)
-        self.batch_size = _check_int("batch_size", batch_size, 2)
-        self.emb_dim, self.n_hidden = _check_int("emb_dim", emb_dim), _check_int("n_hidden", n_hidden)
-        self.n_iterations = _check_int("n_iterations", n_iterations, 0)
-        self.init_train_epoch = _check_int("init_train_epoch", init_train_epoch, 0)
+        self.num_markers = check_int("num_markers", num_markers)
+        self.npseudo = check_int("npseudo", npseudo, 2)
+        self.nmix = check_int("nmix", nmix)
+        self.batch_size = check_int("batch_size", batch_size, 2)
+        self.emb_dim, self.n_hidden = check_int("emb_dim", emb_dim), check_int("n_hidden", n_hidden)
+        self.n_iterations = check_int("n_iterations", n_iterations, 0)
+        self.init_train_epoch = check_int("init_train_epoch", init_train_epoch, 0)
         self.alpha, self.alpha_lr, self.lr = float(alpha), float(alpha_lr), float(lr)
         self.seed, self.progress = int(seed), progress
 

@@ -104,7 +104,6 @@ Deliberate deviations from the official code
 from __future__ import annotations
 
 import copy
-import warnings
 
 import numpy as np
 import pandas as pd
@@ -115,8 +114,9 @@ from sklearn.cluster import KMeans
 from torch import Tensor, nn
 
 from ..nn import gaussian_kl, nb_log_prob
-from ..train import fit, set_seed
-from ..validation import counts_matrix, reference_cell_types, shared_genes
+from ..train import fit, kl_warmup, set_seed
+from ..validation import (check_float, check_int, counts_matrix, reference_cell_types, rows_with_counts,
+                          shared_genes)
 from . import Method, register
 from ._common import write_frame
 
@@ -125,7 +125,6 @@ __all__ = [
     "DestVI",
     "DestVIModel",
     "FCLayers",
-    "kl_warmup",
     "nb_rate_log_prob",
     "vamp_log_prob",
     "vamp_prior",
@@ -144,13 +143,6 @@ def nb_rate_log_prob(x: Tensor, r: Tensor, logits: Tensor) -> Tensor:
     (``mu = r * exp(logits)``, ``theta = r``). Element-wise, broadcasting.
     """
     return nb_log_prob(x, r * torch.exp(logits), r)
-
-
-def kl_warmup(epoch: int, n_epochs: int | None) -> float:
-    """KL weight at ``epoch`` (0-based) of a linear warm-up from 0 to 1 over ``n_epochs`` (``None``/0: always 1)."""
-    if not n_epochs:
-        return 1.0
-    return min(1.0, epoch / n_epochs)
 
 
 class FCLayers(nn.Module):
@@ -352,20 +344,6 @@ class DestVIModel(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------ the method
-def _check_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not float(value).is_integer() or value < minimum:
-        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}.")
-    return int(value)
-
-
-def _check_float(name: str, value, *, positive: bool = False, below_one: bool = False) -> float:
-    value = float(value)
-    if not np.isfinite(value) or value < 0 or (positive and value == 0) or (below_one and value >= 1):
-        kind = "in [0, 1)" if below_one else ("positive" if positive else "non-negative")
-        raise ValueError(f"{name}={value!r} must be a finite {kind} number.")
-    return value
-
-
 def _batches(X, y, batch_size: int, gen: torch.Generator):
     """A factory of shuffled mini-batches (densified per batch from CSR) for ``stcore.train.fit``."""
     def epoch():
@@ -375,19 +353,6 @@ def _batches(X, y, batch_size: int, gen: torch.Generator):
             xb = torch.from_numpy(X[idx].toarray())
             yield xb if y is None else (xb, y[idx])
     return epoch
-
-
-def _nonempty(X, what: str) -> np.ndarray:
-    """Indices of the rows of ``X`` with counts; warns about the others (their NB rate would be 0 and their
-    log-likelihood undefined, so they cannot be trained on)."""
-    keep = np.flatnonzero(np.asarray(X.sum(1)).ravel() > 0)
-    if len(keep) == 0:
-        raise ValueError(f"No {what} has counts on the genes shared by the spots and the reference; check that "
-                         "both hold raw counts of the same genes.")
-    if len(keep) < X.shape[0]:
-        warnings.warn(f"{X.shape[0] - len(keep)} {what} have no counts on the shared genes and are left out of "
-                      "training.", stacklevel=3)
-    return keep
 
 
 def _input_standardisation(X) -> tuple[Tensor, Tensor]:
@@ -449,20 +414,20 @@ class DestVI(Method):
                  l1_reg: float = 0.0, beta_reg: float = 5.0, eta_reg: float = 1e-4, standardize_input: bool = True,
                  seed: int = 0, progress: bool = True):
         self.cell_type_key = cell_type_key
-        self.n_latent = _check_int("n_latent", n_latent)
-        self.n_hidden = _check_int("n_hidden", n_hidden)
-        self.n_layers = _check_int("n_layers", n_layers)
-        self.sc_epochs, self.st_epochs = _check_int("sc_epochs", sc_epochs), _check_int("st_epochs", st_epochs)
-        self.sc_kl_warmup = _check_int("sc_kl_warmup", sc_kl_warmup, 0)
-        self.st_kl_warmup = _check_int("st_kl_warmup", st_kl_warmup, 0)
-        self.batch_size = _check_int("batch_size", batch_size)
-        self.vamp_prior_p = _check_int("vamp_prior_p", vamp_prior_p)
-        self.sc_lr, self.st_lr = _check_float("sc_lr", sc_lr, positive=True), _check_float("st_lr", st_lr,
+        self.n_latent = check_int("n_latent", n_latent)
+        self.n_hidden = check_int("n_hidden", n_hidden)
+        self.n_layers = check_int("n_layers", n_layers)
+        self.sc_epochs, self.st_epochs = check_int("sc_epochs", sc_epochs), check_int("st_epochs", st_epochs)
+        self.sc_kl_warmup = check_int("sc_kl_warmup", sc_kl_warmup, 0)
+        self.st_kl_warmup = check_int("st_kl_warmup", st_kl_warmup, 0)
+        self.batch_size = check_int("batch_size", batch_size)
+        self.vamp_prior_p = check_int("vamp_prior_p", vamp_prior_p)
+        self.sc_lr, self.st_lr = check_float("sc_lr", sc_lr, positive=True), check_float("st_lr", st_lr,
                                                                                             positive=True)
-        self.dropout_rate = _check_float("dropout_rate", dropout_rate, below_one=True)
-        self.dropout_amortization = _check_float("dropout_amortization", dropout_amortization, below_one=True)
-        self.l1_reg, self.beta_reg = _check_float("l1_reg", l1_reg), _check_float("beta_reg", beta_reg)
-        self.eta_reg = _check_float("eta_reg", eta_reg)
+        self.dropout_rate = check_float("dropout_rate", dropout_rate, below_one=True)
+        self.dropout_amortization = check_float("dropout_amortization", dropout_amortization, below_one=True)
+        self.l1_reg, self.beta_reg = check_float("l1_reg", l1_reg), check_float("beta_reg", beta_reg)
+        self.eta_reg = check_float("eta_reg", eta_reg)
         self.standardize_input = bool(standardize_input)
         self.seed, self.progress = int(seed), progress
 
@@ -476,14 +441,14 @@ class DestVI(Method):
                                 dtype=np.float32)
         spots = sparse.csr_matrix(counts_matrix(adata)[:, adata.var_names.get_indexer(genes)], dtype=np.float32)
         codes = pd.Categorical(labels.to_numpy(), categories=types).codes.astype(np.int64)
-        keep = _nonempty(ref, "reference cells")
+        keep = rows_with_counts(ref, "reference cells")
         ref, codes = ref[keep], codes[keep]
         missing = sorted(set(types) - set(np.asarray(types)[np.unique(codes)]))
         if missing:
             raise ValueError(f"Cell types {missing} have no reference cell with counts on the shared genes; drop "
                              "those types or use a reference measuring these genes.")
         return {"genes": list(genes), "types": types, "x_ref": ref, "y_ref": codes, "x_spots": spots,
-                "train_spots": _nonempty(spots, "spots")}
+                "train_spots": rows_with_counts(spots, "spots")}
 
     # ------------------------------------------------------------------ training
     def _fit(self, model, data, epochs, lr, warmup, desc):
